@@ -1,0 +1,402 @@
+"""Triton paged attention over a ragged batch that mixes causal and bidirectional segments.
+
+Contract (``docs/design.md``, "The attention contract"):
+
+* ``q`` ``[T, Hq, D]``, fresh ``k``/``v`` ``[T, Hkv, D]``; segment ``s`` is rows
+  ``query_start_loc[s]:query_start_loc[s+1]`` and sits at positions ``context_lens[s]..``.
+* Its prefix (``context_lens[s]`` tokens) is read from ``k_cache``/``v_cache``
+  ``[num_pages, page_size, Hkv, D]`` through ``block_tables[s]``; its own keys are read from
+  ``k``/``v``, never from the cache.
+* ``causal[s]``: query ``i`` sees the prefix and segment keys ``0..i``; otherwise the prefix
+  and the whole segment.
+
+Kernel layout:
+
+* Grid ``(S, cdiv(max_query_len, BLOCK_Q), Hkv)`` is sized from host ints only, so launching
+  never syncs with the device; programs whose query block lies past their segment's end exit.
+* GQA packing: one program owns ``BLOCK_Q`` query tokens x ``GROUP = Hq // Hkv`` query heads of
+  one KV head (``BLOCK_M = BLOCK_Q * GROUP`` rows, row ``r`` = token ``r // GROUP``, head
+  ``r % GROUP``), so each K/V tile is loaded once for all query heads that share it.
+* Keys are visited in tiles of ``BLOCK_N``; each key position looks up its own page, so a tile
+  may cross page boundaries and any page size works.
+* Online softmax in the log2 domain with fp32 running max / sum / accumulator. fp32 dots use
+  ``input_precision="ieee"`` (no tf32). Half inputs are fed to ``tl.dot`` as is (fp32
+  accumulation); the probabilities are rounded to the value dtype for the P @ V product.
+* Split-KV (flash-decoding): for small batches with long prefixes the prefix is cut into
+  ``num_splits`` chunks handled by separate programs; each writes a normalised partial output
+  and its log2-sum-exp, and a reduce kernel merges them. The last split also covers the
+  segment's own keys.
+
+Every row of ``q`` must belong to a segment (``query_start_loc[S] == T``); rows outside every
+segment are left unwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_attention", "choose_num_splits", "choose_block_sizes"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, q, k_tile, v_tile, visible, qk_scale,
+                         DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the running (acc, l, m); ``visible`` is [BLOCK_M, BLOCK_N]."""
+    s = tl.dot(q, k_tile, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend_prefix(acc, l_i, m_i, q, lo, hi, bt_row_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+                   stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
+                   qk_scale, page_size, offs_d, mask_d,
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Cached prefix keys at positions [lo, hi): every one is visible to every query row."""
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        in_range = pos < hi
+        page = tl.load(bt_row_ptr + pos // page_size, mask=in_range, other=0).to(tl.int64)
+        slot_in_page = (pos % page_size).to(tl.int64)
+        k_off = page * stride_kcp + slot_in_page * stride_kco + kv_head * stride_kch
+        v_off = page * stride_vcp + slot_in_page * stride_vco + kv_head * stride_vch
+        kv_mask = in_range[:, None] & mask_d[None, :]
+        # K is loaded transposed ([BLOCK_D, BLOCK_N]) for the Q @ K^T product.
+        k_tile = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None],
+                         mask=in_range[None, :] & mask_d[:, None], other=0.0)
+        v_tile = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_tile, v_tile,
+                                             in_range[None, :], qk_scale, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+                    k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                    qk_scale, offs_d, mask_d,
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The segment's own fresh keys 0..seg_hi-1 read from k/v (causal rule applied here)."""
+    for start in range(0, seg_hi, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        in_range = key < q_len
+        tok = (q_start + key).to(tl.int64)
+        k_tile = tl.load(k_ptr + tok[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                         mask=in_range[None, :] & mask_d[:, None], other=0.0)
+        v_tile = tl.load(v_ptr + tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                         mask=in_range[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        visible = in_range[None, :] & ((key[None, :] <= q_local[:, None]) | (is_causal == 0))
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_tile, v_tile, visible,
+                                             qk_scale, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _load_query_tile(q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh,
+                     offs_d, mask_d,
+                     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """Rows of the GQA-packed tile: (local token index, query head, validity, q values)."""
+    rows = tl.arange(0, BLOCK_M)
+    q_local = q_block * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + (rows + 1) % GROUP
+    row_valid = ((rows // GROUP) < BLOCK_Q) & (q_local < q_len)
+    tok = (q_start + q_local).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q_local, head, row_valid, tok, q
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr,
+    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr,
+    qk_scale, page_size,
+    stride_ot, stride_oh, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch, stride_bt,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    ctx_len = tl.load(context_lens_ptr + seq)
+    is_causal = tl.load(causal_ptr + seq).to(tl.int32)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_local, head, row_valid, tok, q = _load_query_tile(
+        q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh, offs_d, mask_d,
+        GROUP, BLOCK_Q, BLOCK_M, UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    acc, l_i, m_i = _attend_prefix(
+        acc, l_i, m_i, q, 0, ctx_len, block_tables_ptr + seq.to(tl.int64) * stride_bt,
+        k_cache_ptr, v_cache_ptr, kv_head,
+        stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
+        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+
+    # Causal rows of this block see segment keys up to their own position: stop there.
+    seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
+    acc, l_i, m_i = _attend_segment(
+        acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+        k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+        qk_scale, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    result = acc / l_safe[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _paged_attention_split_kernel(
+    part_out_ptr, part_lse_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr,
+    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr,
+    qk_scale, page_size, num_splits,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch, stride_bt,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Like ``_paged_attention_kernel``, for one of ``num_splits`` chunks of the prefix."""
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    ctx_len = tl.load(context_lens_ptr + seq)
+    is_causal = tl.load(causal_ptr + seq).to(tl.int32)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_local, head, row_valid, tok, q = _load_query_tile(
+        q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh, offs_d, mask_d,
+        GROUP, BLOCK_Q, BLOCK_M, UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Chunks are whole key tiles so no tile straddles two splits.
+    chunk = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * chunk, ctx_len)
+    hi = tl.minimum(lo + chunk, ctx_len)
+    acc, l_i, m_i = _attend_prefix(
+        acc, l_i, m_i, q, lo, hi, block_tables_ptr + seq.to(tl.int64) * stride_bt,
+        k_cache_ptr, v_cache_ptr, kv_head,
+        stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
+        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+
+    if split == num_splits - 1:
+        seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
+        acc, l_i, m_i = _attend_segment(
+            acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+            k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+            qk_scale, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+
+    has_keys = l_i > 0.0
+    result = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(part_out_ptr + split * stride_ps + tok[:, None] * stride_pt
+             + head[:, None] * stride_ph + offs_d[None, :],
+             result, mask=row_valid[:, None] & mask_d[None, :])
+    tl.store(part_lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, num_splits,
+    stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[t, h] = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(part_lse_ptr + offs_s * stride_ls + tok * stride_lt + head, mask=mask_s,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.math.exp2(lse - lse_max)  # 0 for empty splits
+    total = tl.sum(weight, 0)
+    part = tl.load(part_out_ptr + offs_s[:, None] * stride_ps + tok * stride_pt
+                   + head * stride_ph + offs_d[None, :],
+                   mask=(mask_s & (weight > 0.0))[:, None] & mask_d[None, :], other=0.0)
+    merged = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d,
+             merged.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+_MAX_SPLITS = 16
+_MIN_KEYS_PER_SPLIT = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: any small number keeps the heuristic exercised
+
+
+def choose_block_sizes(max_query_len: int, group: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_Q, BLOCK_N)`` for a launch.
+
+    ``BLOCK_M`` (rows = tokens x packed heads) grows with the query length from 16 to 64 and is
+    at least the GQA group; ``BLOCK_Q = BLOCK_M // group``; ``BLOCK_N`` is 64 keys, 32 for head
+    dims above 128 (register pressure).
+    """
+    rows = max(1, max_query_len) * group
+    block_m = max(16, triton.next_power_of_2(group), min(64, triton.next_power_of_2(rows)))
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_m // group, block_n
+
+
+def choose_num_splits(num_seqs: int, q_blocks: int, num_kv_heads: int, max_prefix_len: int,
+                      device: torch.device) -> int:
+    """How many programs share one prefix; 1 unless the grid is too small to fill the device.
+
+    ``max_prefix_len`` is a host-side upper bound (``block_tables.shape[1] * page_size``), so
+    choosing needs no device sync.
+    """
+    programs = num_seqs * q_blocks * num_kv_heads
+    target = 2 * _num_sms(device)
+    if programs >= target or max_prefix_len < 2 * _MIN_KEYS_PER_SPLIT:
+        return 1
+    splits = min(-(-target // programs), max_prefix_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
+    return max(1, splits)
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    causal: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    *,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Launch the paged attention kernels (inputs assumed validated by ``kernels.ops``).
+
+    ``num_splits``: None picks automatically (``choose_num_splits``), 1 disables split-KV, more
+    forces that many prefix chunks. ``block_m``/``block_n`` override the tile sizes (powers of
+    two, at least 16; ``block_m`` at least the GQA group).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
+    page_size = k_cache.shape[1]
+    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+        return out
+
+    auto_m, _, auto_n = choose_block_sizes(max_query_len, group, head_dim)
+    block_m = block_m or auto_m
+    block_n = block_n or auto_n
+    if block_m < group or block_m < 16 or block_n < 16:
+        raise ValueError(f"block sizes too small: block_m={block_m}, block_n={block_n}, "
+                         f"group={group}")
+    block_q = block_m // group
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    q_blocks = triton.cdiv(max_query_len, block_q)
+
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, q_blocks, num_kv_heads,
+                                       block_tables.shape[1] * page_size, q.device)
+    num_splits = max(1, int(num_splits))
+
+    # bf16 arithmetic is wrong in the interpreter: there, compute on fp32 copies of the tiles.
+    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    # fp32 dots must not silently use tf32; half inputs keep the default.
+    dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
+    causal_u8 = causal.view(torch.uint8)
+    qk_scale = float(scale) * _LOG2E
+    common = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=dot_precision,
+                  num_warps=4)
+    metadata = (block_tables, context_lens, query_start_loc, causal_u8, qk_scale, page_size)
+    fresh_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
+
+    if num_splits == 1:
+        grid = (num_seqs, q_blocks, num_kv_heads)
+        _paged_attention_kernel[grid](
+            out, q, k, v, k_cache, v_cache, *metadata,
+            out.stride(0), out.stride(1), *fresh_strides, *cache_strides, **common)
+        return out
+
+    part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim),
+                           dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32,
+                           device=q.device)
+    grid = (num_seqs, q_blocks, num_kv_heads * num_splits)
+    _paged_attention_split_kernel[grid](
+        part_out, part_lse, q, k, v, k_cache, v_cache, *metadata, num_splits,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        *fresh_strides, *cache_strides, **common)
+    _merge_splits_kernel[(num_tokens, num_q_heads)](
+        out, part_out, part_lse, num_splits,
+        out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_warps=1)
+    return out

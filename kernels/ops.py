@@ -1,0 +1,199 @@
+"""Public attention ops: input checks and dispatch between Triton and the PyTorch reference.
+
+Dispatch rule:
+
+* CUDA tensors -> Triton kernels (``kernels.block_attention``, ``kernels.kv_store``).
+* CPU tensors -> the PyTorch reference (``kernels.reference``), unless the environment variable
+  ``NLD_FORCE_TRITON=1`` is set; then the Triton kernels run, which on the CPU needs Triton's
+  interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are imported).
+
+The Triton modules are imported lazily, on first use, so importing this module never imports
+Triton and the environment can still be set up afterwards.
+
+Checks raise ``ValueError`` with a message naming the offending argument. They only read
+shapes, dtypes, strides and devices, so they never sync with the GPU. See
+``docs/design.md`` ("The attention contract") for the meaning of every argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from kernels.reference import paged_attention_reference, store_kv_reference
+
+__all__ = ["paged_attention", "store_kv", "triton_available", "use_triton"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SLOT_DTYPES = (torch.int32, torch.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    """True when Triton is installed and has something to run on: a CUDA GPU, or the
+    interpreter (``TRITON_INTERPRET=1``)."""
+    if not _triton_importable():
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the Triton kernels (see module docstring)."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("NLD_FORCE_TRITON", "0") == "1"
+
+
+def _require_triton(device: torch.device) -> None:
+    if not _triton_importable():
+        raise RuntimeError("Triton is not installed but the Triton kernels were requested")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            "NLD_FORCE_TRITON=1 on CPU tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before kernels.block_attention / kernels.kv_store are imported")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.dim() == rank, f"{name} must be {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        _check(t.device == device, f"{name} is on {t.device} but q/k is on {device}")
+
+
+def _check_fresh_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor) -> None:
+    """Shared checks of the fresh K/V rows and the paged caches."""
+    _check_rank("k", k, 3, "[T, Hkv, D]")
+    _check_rank("v", v, 3, "[T, Hkv, D]")
+    _check_rank("k_cache", k_cache, 4, "[num_pages, page_size, Hkv, D]")
+    _check_rank("v_cache", v_cache, 4, "[num_pages, page_size, Hkv, D]")
+    _check(k.shape == v.shape, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    _check(k_cache.shape == v_cache.shape,
+           f"k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+    _check(k_cache.shape[2:] == k.shape[1:],
+           f"cache [.., Hkv, D] = {tuple(k_cache.shape[2:])} does not match k's "
+           f"[T, Hkv, D] = {tuple(k.shape)}")
+    _check(k_cache.shape[1] > 0, "page_size (k_cache.shape[1]) must be positive")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(t.dtype in _FLOAT_DTYPES, f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+    _check(k.dtype == v.dtype == k_cache.dtype == v_cache.dtype,
+           f"k, v, k_cache, v_cache must share one dtype, got {k.dtype}, {v.dtype}, "
+           f"{k_cache.dtype}, {v_cache.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.stride(-1) == 1, f"{name} must be contiguous in its last (head_dim) dimension")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def _check_int_vector(name: str, t: torch.Tensor, length: int, dtypes: tuple, what: str) -> None:
+    _check_rank(name, t, 1, what)
+    _check(t.dtype in dtypes, f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    _check(t.shape[0] == length, f"{name} must have {length} entries ({what}), got {t.shape[0]}")
+    _check(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    causal: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """Attention of each segment over its cached prefix and its own fresh K/V; ``[T, Hq, D]``.
+
+    ``max_query_len`` (host int, the largest segment length) sizes the Triton grid. If None it
+    is computed from ``query_start_loc``, which costs a device->host sync on the GPU.
+    """
+    _check_rank("q", q, 3, "[T, Hq, D]")
+    _check_fresh_and_cache(k, v, k_cache, v_cache)
+    num_tokens, num_q_heads, head_dim = q.shape
+    _check(q.dtype == k.dtype, f"q dtype {q.dtype} differs from k/v/cache dtype {k.dtype}")
+    _check(k.shape[0] == num_tokens, f"k/v have {k.shape[0]} rows but q has {num_tokens}")
+    _check(k.shape[2] == head_dim, f"head_dim differs: q has {head_dim}, k has {k.shape[2]}")
+    _check(head_dim > 0, "head_dim must be positive")
+    num_kv_heads = k.shape[1]
+    _check(num_kv_heads > 0 and num_q_heads % num_kv_heads == 0,
+           f"Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
+    _check(q.stride(-1) == 1, "q must be contiguous in its last (head_dim) dimension")
+
+    _check_rank("context_lens", context_lens, 1, "[S]")
+    num_seqs = context_lens.shape[0]
+    _check_int_vector("context_lens", context_lens, num_seqs, (torch.int32,), "[S]")
+    _check_int_vector("query_start_loc", query_start_loc, num_seqs + 1, (torch.int32,),
+                      "[S + 1]")
+    _check_rank("causal", causal, 1, "[S]")
+    _check(causal.dtype == torch.bool, f"causal must be torch.bool, got {causal.dtype}")
+    _check(causal.shape[0] == num_seqs,
+           f"causal must have {num_seqs} entries ([S]), got {causal.shape[0]}")
+    _check_rank("block_tables", block_tables, 2, "[S, max_pages]")
+    _check(block_tables.dtype == torch.int32,
+           f"block_tables must be torch.int32, got {block_tables.dtype}")
+    _check(block_tables.shape[0] == num_seqs,
+           f"block_tables has {block_tables.shape[0]} rows, expected S={num_seqs}")
+    _check(block_tables.stride(-1) == 1, "block_tables must be contiguous in its last dimension")
+    _check_same_device(q.device, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
+                       block_tables=block_tables, context_lens=context_lens,
+                       query_start_loc=query_start_loc, causal=causal)
+    _check(isinstance(scale, (float, int)) and scale > 0,
+           f"scale must be a positive float, got {scale!r}")
+    if max_query_len is not None:
+        _check(isinstance(max_query_len, int) and max_query_len >= 0,
+               f"max_query_len must be a non-negative int, got {max_query_len!r}")
+
+    if not use_triton(q.device):
+        if num_seqs > 0:
+            _check(int(query_start_loc[-1]) == num_tokens,
+                   f"query_start_loc[-1]={int(query_start_loc[-1])} must equal T={num_tokens}")
+        return paged_attention_reference(q, k, v, k_cache, v_cache, block_tables, context_lens,
+                                         query_start_loc, causal, float(scale), max_query_len)
+
+    _require_triton(q.device)
+    from kernels.block_attention import block_attention
+
+    if max_query_len is None:
+        lens = query_start_loc[1:] - query_start_loc[:-1]
+        max_query_len = int(lens.max()) if num_seqs > 0 else 0
+    return block_attention(q, k, v, k_cache, v_cache, block_tables, context_lens,
+                           query_start_loc, causal, float(scale), max_query_len)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write row ``t`` of ``k``/``v`` to cache slot ``slot_mapping[t]`` in place (-1: skip)."""
+    _check_fresh_and_cache(k, v, k_cache, v_cache)
+    _check_int_vector("slot_mapping", slot_mapping, k.shape[0], _SLOT_DTYPES, "[T]")
+    _check_same_device(k.device, v=v, k_cache=k_cache, v_cache=v_cache,
+                       slot_mapping=slot_mapping)
+    if not use_triton(k.device):
+        store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _require_triton(k.device)
+    from kernels.kv_store import kv_store
+
+    kv_store(k, v, k_cache, v_cache, slot_mapping)

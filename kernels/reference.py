@@ -1,0 +1,111 @@
+"""PyTorch reference of every kernel; also the production path on the CPU.
+
+The functions here follow the attention contract of ``docs/design.md`` exactly:
+
+* ``q`` is ``[T, Hq, D]``; ``k``/``v`` are ``[T, Hkv, D]`` (the fresh keys/values of the same
+  ``T`` tokens); ``Hq % Hkv == 0`` and query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+* ``k_cache``/``v_cache`` are ``[num_pages, page_size, Hkv, D]``; sequence ``s`` owns the pages
+  listed in ``block_tables[s]``, and token position ``p`` of its prefix lives at
+  ``page = block_tables[s, p // page_size]``, ``offset = p % page_size``.
+* Segment ``s`` is rows ``query_start_loc[s]:query_start_loc[s + 1]``; it sits at positions
+  ``context_lens[s] ..``; its own keys come from ``k``/``v`` (never from the cache).
+* ``causal[s]``: query ``i`` sees the whole prefix plus segment keys ``0..i``; otherwise it sees
+  the whole prefix plus the whole segment.
+
+Scores, softmax and the weighted sum are computed in fp32; the output has ``q``'s dtype.
+The integer metadata is read on the host (``.tolist()``), which is fine on the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["paged_attention_reference", "store_kv_reference"]
+
+
+def _gather_prefix(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows ``0..length-1`` of one sequence's paged cache as a dense ``[length, Hkv, D]``."""
+    if length == 0:
+        return cache.new_empty((0, cache.shape[2], cache.shape[3]))
+    page_size = cache.shape[1]
+    num_pages = -(-length // page_size)
+    dense = cache.index_select(0, pages[:num_pages].long())  # [n, page_size, Hkv, D]
+    return dense.reshape(num_pages * page_size, cache.shape[2], cache.shape[3])[:length]
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    causal: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """Attention of every segment over its cached prefix plus its own fresh keys.
+
+    Returns ``[T, Hq, D]`` in ``q``'s dtype. Rows of ``q`` not covered by any segment are zero.
+    ``max_query_len`` is accepted for signature parity with the Triton path and ignored.
+    """
+    del max_query_len
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros_like(q)
+
+    starts = query_start_loc.tolist()
+    ctx_lens = context_lens.tolist()
+    is_causal = causal.tolist()
+    for s, ctx in enumerate(ctx_lens):
+        start, end = starts[s], starts[s + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        pages = block_tables[s]
+        keys = torch.cat([_gather_prefix(k_cache, pages, ctx), k[start:end]]).float()
+        values = torch.cat([_gather_prefix(v_cache, pages, ctx), v[start:end]]).float()
+        n_keys = keys.shape[0]
+
+        # [L, Hkv, G, D] -> [Hkv, G*L, D] so one batched matmul serves every query head of a
+        # KV head (row index = g * L + i).
+        qs = q[start:end].float().reshape(q_len, num_kv_heads, group, head_dim)
+        qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
+        scores = torch.matmul(qs, keys.permute(1, 2, 0)) * scale  # [Hkv, G*L, N]
+
+        if is_causal[s]:
+            query_pos = torch.arange(q_len).unsqueeze(1) + ctx  # absolute positions
+            key_pos = torch.arange(n_keys).unsqueeze(0)
+            visible = (key_pos <= query_pos).repeat(group, 1)  # [G*L, N]
+            scores = scores.masked_fill(~visible, float("-inf"))
+
+        probs = torch.softmax(scores, dim=-1)
+        ctx_out = torch.matmul(probs, values.permute(1, 0, 2))  # [Hkv, G*L, D]
+        ctx_out = ctx_out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+        out[start:end] = ctx_out.reshape(q_len, num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
+def store_kv_reference(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write row ``t`` of ``k``/``v`` to flat cache slot ``slot_mapping[t]`` in place.
+
+    ``page = slot // page_size``, ``offset = slot % page_size``; rows whose slot is negative
+    (-1) are skipped.
+    """
+    keep = slot_mapping >= 0
+    if not bool(keep.any()):
+        return
+    slots = slot_mapping[keep].long()
+    page_size = k_cache.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    k_cache[pages, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[pages, offsets] = v[keep].to(v_cache.dtype)

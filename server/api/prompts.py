@@ -1,0 +1,116 @@
+"""Prompts to token ids, and the context-length budget.
+
+Chat messages go through the tokenizer's chat template (with the generation prompt);
+legacy-completion prompts may be text, a list of texts, token ids or a list of token-id lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.errors import APIError, bad_request
+from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+MAX_PROMPTS = 16
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One tokenized prompt; ``text`` is its text form (for ``echo``)."""
+
+    token_ids: list[int]
+    text: str
+
+
+def _message_text(message: ChatMessage) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content)
+
+
+def _messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    out = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        out.append({"role": role, "content": _message_text(message)})
+    return out
+
+
+def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> Prompt:
+    """Apply the chat template (``add_generation_prompt=True``) and tokenize the result."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            _messages_for_template(request.messages), add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # jinja2 TemplateError (e.g. the template refuses a role order)
+        raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from exc
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise bad_request("The rendered prompt is empty.", param="messages")
+    return Prompt(ids, text)
+
+
+def completion_prompts(tokenizer: Any, request: CompletionRequest) -> list[Prompt]:
+    """The prompts of a legacy-completions request (one choice set per prompt)."""
+    raw = request.prompt
+    items: list[str | list[int]]
+    if isinstance(raw, str):
+        items = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [list(raw)]  # type: ignore[arg-type]
+    else:
+        items = list(raw)  # type: ignore[arg-type]
+    if not items:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
+    vocab = len(tokenizer)
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            ids = list(tokenizer.encode(item, add_special_tokens=True))
+            text = item
+        else:
+            if any(not 0 <= t < vocab for t in item):
+                raise bad_request(f"prompt contains a token id outside the vocabulary [0, {vocab}).", param="prompt")
+            ids = list(item)
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        if not ids:
+            raise bad_request("prompt must not be empty.", param="prompt")
+        prompts.append(Prompt(ids, text))
+    return prompts
+
+
+def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | None, param: str) -> APIError:
+    """OpenAI's 400 ``context_length_exceeded``."""
+    if max_tokens is None:
+        asked = f"{prompt_len} tokens in the prompt, which leaves no room for a completion"
+    else:
+        asked = f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion)"
+    return APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested {asked}. "
+        "Please reduce the length of the prompt or of the completion.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, default_cap: int, prompt_param: str
+) -> int:
+    """The completion budget: as requested if it fits, else the remaining context (capped)."""
+    remaining = max_model_len - prompt_len
+    if remaining < 1:
+        raise context_length_error(max_model_len, prompt_len, None, prompt_param)
+    if requested is None:
+        return min(remaining, default_cap)
+    if requested > remaining:
+        raise context_length_error(max_model_len, prompt_len, requested, "max_tokens")
+    return requested

@@ -1,0 +1,239 @@
+"""Pydantic models of the OpenAI-compatible wire format (requests, responses, stream chunks).
+
+Requests are parsed strictly (a string where a number belongs is a 400, not a coercion) and
+unknown fields are kept aside in ``model_extra`` and otherwise ignored: OpenAI clients send
+fields we never heard of. Our extensions (``mode``, ``refine_steps`` ...) are top-level
+fields, which is where the openai client's ``extra_body`` puts them.
+
+Whether a mode can honour a field is not decided here (see ``sampling.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 4
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+ModeName = Literal["ar", "diffusion", "self_spec"]
+PolicyName = Literal["threshold", "low_confidence", "leftmost"]
+FinishReasonName = Literal["stop", "length"]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _RequestModel(BaseModel):
+    """Base of every request model: strict types, unknown fields tolerated."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_RequestModel):
+    include_usage: Optional[bool] = None
+
+
+class TextContentPart(_RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_RequestModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextContentPart], None] = None
+    name: Optional[str] = None
+
+
+StopField = Union[str, list[str], None]
+
+
+class _GenerationRequest(_RequestModel):
+    """Fields shared by chat and legacy completions, plus our decoding extensions."""
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    stop: StopField = Field(None, description=f"up to {MAX_STOP_STRINGS} non-empty strings")
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # --- extensions (top level; the openai client sends them through ``extra_body``)
+    mode: Optional[ModeName] = Field(None, description="decoding mode; the server default when absent")
+    refine_steps: Optional[int] = Field(None, ge=1, description="diffusion: denoising steps per block")
+    block_length: Optional[int] = Field(None, ge=1, description="diffusion / self_spec: block length")
+    threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="diffusion: unmasking confidence threshold")
+    policy: Optional[PolicyName] = Field(None, description="diffusion: unmasking policy")
+    draft_length: Optional[int] = Field(None, ge=1, description="self_spec: drafted tokens per cycle")
+    top_k: Optional[int] = Field(None, ge=0, description="0 disables top-k")
+    ignore_eos: Optional[bool] = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+PromptField = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: PromptField
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+GenerationRequest = Union[ChatCompletionRequest, CompletionRequest]
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class _ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_ResponseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(_ResponseModel):
+    error: ErrorDetail
+
+
+class UsageInfo(_ResponseModel):
+    """OpenAI usage plus forward-pass accounting (our extension)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    forward_passes: Optional[int] = None
+    forward_passes_by_kind: Optional[dict[str, int]] = None
+    tokens_per_forward: Optional[float] = None
+    mean_acceptance_length: Optional[float] = Field(None, description="self_spec only")
+
+
+class TopLogprob(_ResponseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(_ResponseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(_ResponseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+    refusal: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatResponseMessage(_ResponseModel):
+    role: Literal["assistant"]
+    content: Optional[str] = None
+
+
+class ChatChoice(_ResponseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: FinishReasonName
+
+
+class ChatCompletionResponse(_ResponseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(_ResponseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(_ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[FinishReasonName] = None
+
+
+class ChatCompletionChunk(_ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionLogprobs(_ResponseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
+    text_offset: list[int]
+
+
+class CompletionChoice(_ResponseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[FinishReasonName] = None
+
+
+class CompletionResponse(_ResponseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(_ResponseModel):
+    """A streamed legacy-completions chunk (same ``object`` as the full response, as OpenAI does)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(_ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(_ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthStatus(_ResponseModel):
+    status: str
+
+
+class VersionInfo(_ResponseModel):
+    version: str

@@ -1,0 +1,184 @@
+"""From a validated request to engine ``RequestParams``.
+
+Every option must be honoured or refused: a field the chosen mode cannot use is a 400
+naming that field, and so is an OpenAI field this server does not implement. Range checks
+are the engine's own (``server/engine/params.py``), whose ``ValueError`` is mapped to the
+field it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.api.errors import bad_request, param_of_value_error
+from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
+from server.engine.params import DecodeParams, RequestParams, SamplingParams
+
+# Which modes may set each mode-specific field.
+MODE_FIELDS: dict[str, tuple[str, ...]] = {
+    "refine_steps": ("diffusion",),
+    "threshold": ("diffusion",),
+    "policy": ("diffusion",),
+    "block_length": ("diffusion", "self_spec"),
+    "draft_length": ("self_spec",),
+    "logprobs": ("ar",),
+    "top_logprobs": ("ar",),
+}
+
+# OpenAI fields this server does not implement, with the value that means "not used".
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "suffix": ("",),
+    "best_of": (1,),
+    "min_tokens": (0,),
+}
+
+SEED_MODULUS = 2**63
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What the HTTP layer needs besides the engine params."""
+
+    mode: str
+    params: RequestParams  # for choice 0; see ``params_for_choice``
+    stop: list[str]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top-logprob count when logprobs were asked for, else None
+    echo: bool
+
+
+def _is_set(request: GenerationRequest, name: str) -> bool:
+    value = getattr(request, name, None)
+    if name == "logprobs" and isinstance(request, ChatCompletionRequest):
+        return bool(value)
+    return value is not None
+
+
+def _check_unsupported(request: GenerationRequest) -> None:
+    extra = request.model_extra or {}
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        value = extra.get(name)
+        if value is not None and not any(value == v for v in neutral):
+            raise bad_request(f"'{name}' is not supported by this server.", param=name)
+
+
+def _check_mode_fields(request: GenerationRequest, mode: str) -> None:
+    for name, modes in MODE_FIELDS.items():
+        if mode not in modes and _is_set(request, name):
+            raise bad_request(
+                f"'{name}' is not supported in mode '{mode}' (only in: {', '.join(modes)}).", param=name
+            )
+
+
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", param="stop")
+    if any(s == "" for s in stops):
+        raise bad_request("Stop strings must not be empty.", param="stop")
+    return stops
+
+
+def _logprobs_count(request: GenerationRequest) -> int | None:
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("'top_logprobs' requires 'logprobs': true.", param="top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
+
+
+def build_options(
+    request: GenerationRequest,
+    *,
+    max_tokens: int,
+    default_mode: str,
+    default_refine_steps: int | None,
+    block_size: int,
+    max_model_len: int,
+) -> GenerationOptions:
+    """Check the request against its mode and build the engine parameters (400 on refusal)."""
+    _check_unsupported(request)
+    mode = request.mode or default_mode
+    _check_mode_fields(request, mode)
+    stops = _stop_strings(request.stop)
+    logprobs = _logprobs_count(request)
+    echo = bool(getattr(request, "echo", None))
+    if echo and logprobs is not None:
+        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs).", param="echo")
+    refine_steps = request.refine_steps
+    if refine_steps is None and mode == "diffusion":
+        refine_steps = default_refine_steps
+    try:
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            seed=request.seed,
+            ignore_eos=bool(request.ignore_eos),
+            logprobs=logprobs,
+        )
+        decode_kwargs: dict[str, Any] = {
+            "mode": mode,
+            "refine_steps": refine_steps,
+            "block_length": request.block_length,
+            "draft_length": request.draft_length,
+        }
+        if request.threshold is not None:
+            decode_kwargs["threshold"] = request.threshold
+        if request.policy is not None:
+            decode_kwargs["policy"] = request.policy
+        decode = DecodeParams(**decode_kwargs)
+        decode.resolved(block_size, max_model_len)  # length checks against the checkpoint
+    except ValueError as exc:
+        param = param_of_value_error(str(exc))
+        if param == "logprobs" and isinstance(request, ChatCompletionRequest):
+            param = "top_logprobs"
+        raise bad_request(str(exc), param=param) from exc
+    stream_options = request.stream_options
+    if stream_options is not None and not request.stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    return GenerationOptions(
+        mode=mode,
+        params=RequestParams(sampling=sampling, decode=decode),
+        stop=stops,
+        n=request.n or 1,
+        stream=bool(request.stream),
+        include_usage=bool(stream_options and stream_options.include_usage),
+        logprobs=logprobs,
+        echo=echo,
+    )
+
+
+def params_for_choice(params: RequestParams, choice: int) -> RequestParams:
+    """Choice ``i`` of an ``n > 1`` request: its own seed derived from the request's seed."""
+    seed = params.sampling.seed
+    if seed is None or choice == 0:
+        return params
+    return replace(params, sampling=replace(params.sampling, seed=(seed + choice) % SEED_MODULUS))
+
+
+def requested_max_tokens(request: GenerationRequest) -> int | None:
+    """``max_completion_tokens`` (chat, preferred) or ``max_tokens``."""
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        return request.max_completion_tokens
+    return request.max_tokens
+
+
+__all__ = [
+    "GenerationOptions",
+    "build_options",
+    "params_for_choice",
+    "requested_max_tokens",
+]

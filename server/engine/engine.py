@@ -1,0 +1,249 @@
+"""The synchronous engine: ``step()`` schedules a batch, runs one forward pass, chooses
+tokens and advances every request's mode. Plain Python around one model call, so tests
+can drive it step by step on the CPU."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.kv_cache import KVCacheManager
+from server.engine.modes import make_mode
+from server.engine.modes.base import DecodeMode
+from server.engine.outputs import RequestOutput
+from server.engine.params import RequestParams
+from server.engine.request import Request, Status
+from server.engine.runner import ModelRunner
+from server.engine.sampler import select_tokens
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.model.loader import load_model, parse_dtype
+from server.model.model import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class NullMetrics:
+    """Metrics sink that records nothing (the engine's default)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+class LLMEngine:
+    def __init__(self, model: DecoderModel, config: EngineConfig, tokenizer: Any = None, metrics: Any = None) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.metrics = metrics or NullMetrics()
+        mc = model.config
+        self.model_config = mc
+        self.device = next(model.parameters()).device
+        self.max_model_len = min(config.max_model_len or 8192, mc.max_position_embeddings)
+        kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
+        num_pages = -(-kv_tokens // config.page_size)
+        if num_pages * config.page_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache ({num_pages * config.page_size} tokens) cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}"
+            )
+        self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
+        modes: dict[str, DecodeMode] = {"ar": make_mode("ar", mc.mask_token_id)}
+        if mc.is_diffusion:
+            modes["diffusion"] = make_mode("diffusion", mc.mask_token_id)
+            modes["self_spec"] = make_mode("self_spec", mc.mask_token_id)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv, modes
+        )
+        self.runner = ModelRunner(model, num_pages, config.page_size, self.device, next(model.parameters()).dtype)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.eos_ids = frozenset(mc.eos_token_ids)
+        self.num_steps = 0
+
+    @classmethod
+    def from_pretrained(cls, config: EngineConfig, metrics: Any = None) -> "LLMEngine":
+        from server.model.loader import load_tokenizer
+
+        device = resolve_device(config.device)
+        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        model = load_model(config.model, device=device, dtype=parse_dtype(dtype))
+        try:
+            tokenizer = load_tokenizer(config.model)
+        except Exception as exc:  # a checkpoint without tokenizer files still serves token ids
+            logger.warning("no tokenizer loaded from %s: %s", config.model, exc)
+            tokenizer = None
+        return cls(model, config, tokenizer, metrics)
+
+    def _default_kv_tokens(self) -> int:
+        mc = self.model_config
+        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * next(self.model.parameters()).element_size()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - self.config.gpu_memory_utilization)
+            return max(self.max_model_len, int(budget // bytes_per_token))
+        return max(2 * self.max_model_len, min(65536, (1 << 30) // bytes_per_token))
+
+    # ------------------------------------------------------------ requests
+    def resolve_params(self, params: RequestParams) -> RequestParams:
+        """Fill mode defaults from the checkpoint; raise ValueError for what cannot run."""
+        decode = params.decode
+        if decode.mode != "ar" and not self.model_config.is_diffusion:
+            raise ValueError(f"mode {decode.mode!r} needs a diffusion checkpoint; this model serves only 'ar'")
+        if decode.refine_steps is None and self.config.default_refine_steps is not None:
+            from dataclasses import replace
+
+            decode = replace(decode, refine_steps=self.config.default_refine_steps)
+        decode = decode.resolved(self.model_config.block_size, self.max_model_len)
+        work_len = {"ar": 1, "diffusion": decode.block_length, "self_spec": (decode.draft_length or 0) + 1}[decode.mode]
+        if work_len > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"a {decode.mode} pass of {work_len} tokens exceeds the per-step token budget "
+                f"({self.config.max_num_batched_tokens})"
+            )
+        return RequestParams(sampling=params.sampling, decode=decode)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
+            )
+        params = self.resolve_params(params)
+        s = params.sampling
+        stop = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_ids))
+        req = Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            seed=s.seed if s.seed is not None else random.getrandbits(63),
+            stop_ids=frozenset(stop),
+            max_model_len=self.max_model_len,
+            arrival_order=next(self._arrivals),
+        )
+        req.stats.model = self.config.model
+        self.scheduler.add(req)
+        self.requests[request_id] = req
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request; its pages are freed at once. Returns its final output."""
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        return self._finalize(req)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        t0 = time.time()
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if batch:
+            logits = self.runner.run(batch)
+            specs, owners = [], []
+            for (req, work), lg in zip(batch, logits):
+                row_specs = self.scheduler.mode_of(req).row_specs(req, work)
+                assert len(row_specs) == lg.shape[0]
+                specs.extend(row_specs)
+                owners.append(len(row_specs))
+            all_logits = torch.cat(logits) if logits else None
+            results = select_tokens(all_logits, specs, self.model_config.mask_token_id) if specs else []
+            now = time.time()
+            start = 0
+            for (req, work), lg, n in zip(batch, logits, owners):
+                stats = req.stats
+                stats.forward_passes[work.kind] += 1
+                if stats.first_scheduled_time is None:
+                    stats.first_scheduled_time = t0
+                self.scheduler.mode_of(req).apply(req, work, results[start : start + n], lg)
+                start += n
+                if work.kind == "verify":
+                    self.kv.truncate(req.table, req.num_computed)
+                if work.writes_kv:
+                    self.kv.cache_full_pages(req.table, req.token_ids, req.num_computed)
+                if stats.prefill_done_time is None and req.num_computed >= req.num_prompt:
+                    stats.prefill_done_time = now
+        for req in self.scheduler.finished_early:
+            outputs.append(self._finalize(req))
+        self.scheduler.finished_early.clear()
+        for req, _ in batch:
+            if req.is_finished:
+                self.scheduler.finish(req)
+                outputs.append(self._finalize(req))
+            elif req.new_tokens:
+                outputs.append(self._take_output(req))
+        self.num_steps += 1
+        self.metrics.on_step(time.time() - t0, len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+        return outputs
+
+    def _take_output(self, req: Request) -> RequestOutput:
+        now = time.time()
+        if req.new_tokens:
+            req.stats.emission_times.append(now)
+            if req.stats.first_token_time is None:
+                req.stats.first_token_time = now
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=req.new_tokens,
+            new_logprobs=req.new_logprobs if req.params.sampling.logprobs is not None else None,
+        )
+        req.new_tokens, req.new_logprobs = [], []
+        return out
+
+    def _finalize(self, req: Request) -> RequestOutput:
+        out = self._take_output(req)
+        out.finished = True
+        out.finish_reason = req.finish_reason
+        out.stats = req.stats
+        self.requests.pop(req.request_id, None)
+        self.metrics.on_request_finished(req.stats, req.finish_reason or "abort")
+        if req.stats.preemptions:
+            pass
+        return out
+
+    # ------------------------------------------------------------- offline
+    def generate(self, prompts: list[list[int]], params: RequestParams | list[RequestParams]) -> list[dict[str, Any]]:
+        """Run prompts to completion (offline). Returns per prompt the token ids, finish reason
+        and stats."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+                if out.finished:
+                    done[out.request_id] = out
+        return [
+            {"token_ids": tokens[rid], "finish_reason": done[rid].finish_reason, "stats": done[rid].stats} for rid in ids
+        ]
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    @property
+    def running_statuses(self) -> list[Status]:
+        return [r.status for r in self.scheduler.running]

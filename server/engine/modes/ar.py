@@ -1,0 +1,40 @@
+"""Autoregressive decoding: one causal pass per token."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.modes.base import prefill_work, sample_spec
+from server.engine.outputs import TokenLogprob
+from server.engine.request import Request, Work
+from server.engine.sampler import RowResult, RowSpec
+
+
+class AutoregressiveMode:
+    """Every uncached token (the prompt, then each sampled token) goes through a causal pass
+    that writes its K/V; the last row's logits give the next token."""
+
+    def next_work(self, req: Request, budget: int) -> Work | None:
+        work = prefill_work(req, budget, len(req.token_ids), want_logits=True, kind="prefill")
+        if work is not None and len(work) == 1 and req.num_computed >= req.num_prompt:
+            work.kind = "decode"
+        return work
+
+    def kv_tokens_needed(self, req: Request, work: Work) -> int:
+        return req.num_computed + len(work)
+
+    def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
+        return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
+
+    def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
+        req.num_computed += len(work)
+        if not results:
+            return
+        r = results[0]
+        lp = None
+        if req.params.sampling.logprobs is not None:
+            lp = [TokenLogprob(r.token, r.logprob or 0.0, list(r.top_logprobs or []))]
+        req.emit([r.token], lp)
+
+    def reset(self, req: Request) -> None:
+        req.mode_state = None

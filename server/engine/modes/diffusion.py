@@ -1,0 +1,157 @@
+"""Block diffusion: causal prefill, then per block a canvas of mask tokens denoised with
+bidirectional attention (full view of the cached prefix), then a causal commit pass.
+
+Per block of ``B`` positions starting at ``L = num_computed``:
+- canvas = [seed, MASK x (B-1)] when ``seed_first_position`` (seed = the causal prediction
+  from the previous pass's last logits), else [MASK x B]; B shrinks only at the context limit;
+- each denoise pass (at most ``refine_steps``) reveals masked positions by the policy;
+  revealed tokens stay revealed; on the last allowed pass every remaining mask is revealed;
+- a stop token revealed at i freezes the positions after it (they never need revealing);
+- the finished block is emitted (cut at the first stop token and at max_tokens); if the
+  request goes on, a causal commit pass writes the block's K/V, and its last logits give
+  the next seed. Denoise passes never write the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.modes.base import prefill_work, sample_spec
+from server.engine.request import Request, Work
+from server.engine.sampler import SALT_DENOISE, RowResult, RowSpec
+
+
+@dataclass
+class DiffusionState:
+    seed: int | None = None  # causal prediction for the next block's first position
+    canvas: list[int] | None = None
+    revealed: list[bool] = field(default_factory=list)
+    steps: int = 0  # denoise passes spent on the current block
+    has_blocks: bool = False  # a block was emitted since the last (re)prefill
+
+
+def select_reveals(
+    candidates: list[int], confidences: dict[int, float], policy: str, threshold: float, steps_left: int
+) -> list[int]:
+    """Which candidate positions to reveal this pass. Always at least one; all on the last pass.
+
+    threshold: the most confident candidate plus every candidate with confidence >= threshold;
+    low_confidence: the k most confident, k = ceil(candidates / passes left);
+    leftmost: the k leftmost, same k."""
+    if not candidates:
+        return []
+    if steps_left <= 1:
+        return list(candidates)
+    if policy == "threshold":
+        best = max(candidates, key=lambda i: (confidences[i], -i))
+        return sorted({best} | {i for i in candidates if confidences[i] >= threshold})
+    k = math.ceil(len(candidates) / steps_left)
+    if policy == "low_confidence":
+        ranked = sorted(candidates, key=lambda i: (-confidences[i], i))
+        return sorted(ranked[:k])
+    if policy == "leftmost":
+        return sorted(candidates)[:k]
+    raise ValueError(f"unknown unmasking policy {policy!r}")
+
+
+class BlockDiffusionMode:
+    def __init__(self, mask_token_id: int) -> None:
+        self.mask_id = mask_token_id
+
+    @staticmethod
+    def _state(req: Request) -> DiffusionState:
+        if req.mode_state is None:
+            req.mode_state = DiffusionState()
+        return req.mode_state
+
+    # ------------------------------------------------------------- helpers
+    def _seeding(self, req: Request) -> bool:
+        return req.params.decode.seed_first_position
+
+    def _stop_index(self, req: Request, st: DiffusionState) -> int | None:
+        """First revealed position holding a stop token."""
+        assert st.canvas is not None
+        for i, tok in enumerate(st.canvas):
+            if st.revealed[i] and tok in req.stop_ids:
+                return i
+        return None
+
+    def _candidates(self, req: Request, st: DiffusionState) -> list[int]:
+        """Masked positions that still need revealing (none past a revealed stop token)."""
+        stop = self._stop_index(req, st)
+        end = len(st.canvas) if stop is None else stop  # type: ignore[arg-type]
+        return [i for i in range(end) if not st.revealed[i]]
+
+    def _start_block(self, req: Request, st: DiffusionState) -> None:
+        length = min(req.params.decode.block_length or 1, req.max_model_len - req.num_computed)
+        assert length >= 1, "a block is started only when the context has room"
+        st.canvas = [self.mask_id] * length
+        st.revealed = [False] * length
+        st.steps = 0
+        if self._seeding(req):
+            assert st.seed is not None
+            st.canvas[0], st.revealed[0] = st.seed, True
+            st.seed = None
+        self._finish_block_if_done(req, st)
+
+    def _finish_block_if_done(self, req: Request, st: DiffusionState) -> None:
+        if self._candidates(req, st):
+            return
+        stop = self._stop_index(req, st)
+        block = st.canvas[: (stop + 1 if stop is not None else None)]  # type: ignore[index]
+        req.stats.denoise_steps_per_block.append(st.steps)
+        st.canvas, st.revealed, st.steps, st.has_blocks = None, [], 0, True
+        req.emit(block)
+
+    # ------------------------------------------------------------ protocol
+    def next_work(self, req: Request, budget: int) -> Work | None:
+        st = self._state(req)
+        if req.num_computed < len(req.token_ids):
+            kind = "commit" if st.has_blocks else "prefill"
+            return prefill_work(req, budget, len(req.token_ids), want_logits=self._seeding(req), kind=kind)
+        if st.canvas is None:
+            self._start_block(req, st)
+            if req.is_finished or st.canvas is None:
+                return None if req.is_finished else self.next_work(req, budget)
+        assert st.canvas is not None
+        if len(st.canvas) > budget:
+            return None
+        rows = [i for i in range(len(st.canvas)) if not st.revealed[i]]
+        return Work(kind="denoise", token_ids=list(st.canvas), causal=False, logit_rows=rows)
+
+    def kv_tokens_needed(self, req: Request, work: Work) -> int:
+        # a denoise pass reserves the slots its block's commit will write
+        return req.num_computed + len(work)
+
+    def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
+        if work.kind != "denoise":
+            return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
+        st = self._state(req)
+        salt = SALT_DENOISE + 16 * st.steps
+        return [sample_spec(req, req.num_computed + i, salt) for i in work.logit_rows]
+
+    def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
+        st = self._state(req)
+        if work.kind != "denoise":
+            req.num_computed += len(work)
+            if results:
+                st.seed = results[0].token
+            return
+        assert st.canvas is not None
+        st.steps += 1
+        proposals = {row: r for row, r in zip(work.logit_rows, results)}
+        candidates = self._candidates(req, st)
+        dp = req.params.decode
+        steps_left = (dp.refine_steps or len(st.canvas)) - st.steps + 1
+        chosen = select_reveals(
+            candidates, {i: proposals[i].confidence for i in candidates}, dp.policy, dp.threshold, steps_left
+        )
+        for i in chosen:
+            st.canvas[i], st.revealed[i] = proposals[i].token, True
+        self._finish_block_if_done(req, st)
+
+    def reset(self, req: Request) -> None:
+        req.mode_state = None

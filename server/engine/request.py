@@ -1,0 +1,118 @@
+"""A request's state inside the engine, and the unit of work it contributes to a forward pass."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.kv_cache import PageTable
+from server.engine.outputs import FinishReason, RequestStats, TokenLogprob
+from server.engine.params import RequestParams
+
+FORWARD_KIND_WRITES = {"prefill": True, "decode": True, "commit": True, "verify": True, "denoise": False, "draft": False}
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Work:
+    """One request's share of a forward pass.
+
+    Its tokens sit at positions ``start .. start + len(token_ids) - 1`` where ``start`` is the
+    request's ``num_computed`` (every kind of pass starts right after the cached prefix).
+    ``causal`` False means bidirectional within the segment. K/V are written to the cache
+    only when ``writes_kv``; ``logit_rows`` lists the segment rows whose logits are needed.
+    ``lora`` selects the draft-only adapter."""
+
+    kind: str
+    token_ids: list[int]
+    causal: bool
+    logit_rows: list[int]
+    lora: bool = False
+
+    @property
+    def writes_kv(self) -> bool:
+        return FORWARD_KIND_WRITES[self.kind]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Request:
+    """Engine-side state. ``token_ids`` = prompt + emitted tokens; the first ``num_computed``
+    of them have causal K/V in the cache (pages in ``table``)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: RequestParams
+    seed: int
+    stop_ids: frozenset[int]  # tokens that end the request (user stop ids, plus EOS unless ignore_eos)
+    max_model_len: int
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    table: PageTable = field(default_factory=PageTable)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    mode_state: Any = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    new_tokens: list[int] = field(default_factory=list)  # emitted since the last output
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    arrival_order: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+        self.stats.prompt_tokens = len(self.prompt_ids)
+        self.stats.mode = self.params.decode.mode
+        if not self.stats.arrival_time:
+            self.stats.arrival_time = time.time()
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def remaining_tokens(self) -> int:
+        """How many more tokens may be emitted (max_tokens and the context limit)."""
+        by_max = self.params.sampling.max_tokens - len(self.output_ids)
+        by_ctx = self.max_model_len - len(self.token_ids)
+        return max(0, min(by_max, by_ctx))
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def emit(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """Append tokens to the output, stopping at a stop token or at the length limit.
+        A stop token ends the request and is not emitted."""
+        for i, tok in enumerate(tokens):
+            if self.remaining_tokens <= 0:
+                self.finish("length")
+                return
+            if tok in self.stop_ids:
+                self.finish("stop")
+                return
+            self.token_ids.append(tok)
+            self.new_tokens.append(tok)
+            self.stats.completion_tokens += 1
+            if logprobs is not None:
+                self.new_logprobs.append(logprobs[i])
+        if self.remaining_tokens <= 0:
+            self.finish("length")
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.status is not Status.FINISHED:
+            self.status = Status.FINISHED
+            self.finish_reason = reason
+            self.stats.finished_time = time.time()

@@ -1,0 +1,148 @@
+"""The decoder: a Ministral-3 / Llama-style dense transformer with one output head.
+
+For Nemotron-Labs Diffusion checkpoints the head is the untied ``diffusion_head``; it gives
+causal next-token logits under causal attention and unshifted masked-token logits under
+bidirectional attention. The attention pattern is entirely the ``AttentionContext``'s
+business, so the same module serves the paged engine, training and the dense test reference.
+
+Shapes: tokens may be flat ``[T]`` (the engine's ragged batch) or batched ``[B, T]``
+(training); ``positions`` has the same shape as ``input_ids``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from server.model.config import ModelConfig
+from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, llama4_query_scale
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [..., T, Hq, D] (RoPE and query scaling applied), k/v: [..., T, Hkv, D].
+        Returns [..., T, Hq, D]. May also store k/v in a cache."""
+
+
+class DenseAttention:
+    """Dense attention with an explicit boolean mask ``allowed[..., Tq, Tk]`` (True = may attend)
+    over the same token list (no cache). Used by training and by test references."""
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        self.allowed = allowed
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        groups = q.shape[-2] // k.shape[-2]
+        qh = q.transpose(-3, -2)  # [..., H, T, D]
+        kh = k.repeat_interleave(groups, dim=-2).transpose(-3, -2)
+        vh = v.repeat_interleave(groups, dim=-2).transpose(-3, -2)
+        mask = self.allowed.unsqueeze(-3)  # broadcast over heads
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        return out.transpose(-3, -2)
+
+
+class LoraDelta(nn.Module):
+    """A low-rank update ``scale * B(A(x))`` added to a projection's output on selected rows."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scale
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.draft_lora: LoraDelta | None = None  # applied only on draft rows (self-speculation)
+        beta = config.rope.llama_4_scaling_beta
+        self.query_scale_beta = float(beta) if beta else None
+        self.query_scale_period = config.rope.original_max_position_embeddings or config.max_position_embeddings
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: AttentionContext,
+        lora_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.query_scale_beta is not None:
+            scale = llama4_query_scale(positions, self.query_scale_beta, self.query_scale_period)
+            q = q * scale[..., None, None].to(q.dtype)
+        attn = ctx.attend(self.layer, q, k, v).reshape(*lead, self.num_heads * self.head_dim)
+        out = self.o_proj(attn)
+        if self.draft_lora is not None and lora_rows is not None:
+            out = out + self.draft_lora(attn) * lora_rows[..., None].to(out.dtype)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, positions, cos, sin, ctx, lora_rows):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, ctx, lora_rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers, final norm and the output head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+
+    @property
+    def has_draft_lora(self) -> bool:
+        return any(layer.self_attn.draft_lora is not None for layer in self.layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+        lora_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (after the last norm), shape ``[..., T, hidden]``.
+        ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter."""
+        cos, sin = self.rotary.cos_sin(positions.reshape(-1))
+        cos = cos.view(*positions.shape, -1)
+        sin = sin.view(*positions.shape, -1)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, cos, sin, ctx, lora_rows)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 for the given hidden rows."""
+        return self.head(hidden).float()
