@@ -77,8 +77,9 @@ def paged_attention_reference(
         scores = torch.matmul(qs, keys.permute(1, 2, 0)) * scale  # [Hkv, G*L, N]
 
         if is_causal[s]:
-            query_pos = torch.arange(q_len).unsqueeze(1) + ctx  # absolute positions
-            key_pos = torch.arange(n_keys).unsqueeze(0)
+            # absolute positions of the queries and keys
+            query_pos = torch.arange(q_len, device=q.device).unsqueeze(1) + ctx
+            key_pos = torch.arange(n_keys, device=q.device).unsqueeze(0)
             visible = (key_pos <= query_pos).repeat(group, 1)  # [G*L, N]
             scores = scores.masked_fill(~visible, float("-inf"))
 

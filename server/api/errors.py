@@ -23,6 +23,10 @@ logger = logging.getLogger("server.api")
 RETRY_AFTER_S = "1"
 
 
+class EngineOutputError(RuntimeError):
+    """The engine ended a request with an error output, or aborted it on its own."""
+
+
 class APIError(Exception):
     """An error answered to the client with ``status`` and an OpenAI error body."""
 
@@ -101,6 +105,9 @@ def from_engine_exception(exc: BaseException) -> APIError:
         return service_unavailable(str(exc) or "The request queue is full; retry later.", code="queue_full")
     if isinstance(exc, ValueError):
         return bad_request(str(exc), param=param_of_value_error(str(exc)))
+    if isinstance(exc, EngineOutputError):
+        logger.error("engine reported a failure: %s", exc)
+        return APIError(500, f"The engine failed to generate: {exc}", type="internal_server_error", code="engine_error")
     if isinstance(exc, EngineDeadError):
         logger.error("engine is dead: %s", exc)
         return internal_error("The inference engine is not running.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from server.api.detokenize import IncrementalDetokenizer
+from server.api.errors import EngineOutputError
 from server.api.prompts import Prompt
 from server.api.stop import StopStringMatcher
 from server.engine.client import EngineClient
@@ -24,10 +25,6 @@ from server.engine.params import RequestParams
 logger = logging.getLogger("server.api")
 
 DRAIN_TIMEOUT_S = 2.0  # after aborting on a stop string: wait this long for the final stats
-
-
-class EngineOutputError(RuntimeError):
-    """The engine ended a request with an error, or aborted it on its own."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ def _fmt(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def tpf_value(run: dict[str, Any]) -> float | None:
+    """The run's TPF: token-weighted when forward-pass counts are known, else the mean per request."""
+    t = run.get("tpf") or {}
+    return t.get("tpf_weighted") if t.get("tpf_weighted") is not None else t.get("tpf_mean")
+
+
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     cols = [
         ("run", lambda r: r["label"]),
@@ -31,7 +37,7 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
         ("TPOT p50", lambda r: _fmt(r["summary"]["tpot_ms"]["p50"])),
         ("E2E p50", lambda r: _fmt(r["summary"]["e2el_ms"]["p50"])),
         ("E2E p99", lambda r: _fmt(r["summary"]["e2el_ms"]["p99"])),
-        ("TPF", lambda r: _fmt((r.get("tpf") or {}).get("tpf_weighted"), 2)),
+        ("TPF", lambda r: _fmt(tpf_value(r), 2)),
         ("acc len", lambda r: _fmt((r.get("tpf") or {}).get("mean_acceptance_length"), 2)),
         ("exact", lambda r: _fmt((r.get("quality") or {}).get("exact_match"), 2)),
         ("tok agree", lambda r: _fmt((r.get("quality") or {}).get("token_agreement"), 2)),
@@ -75,7 +81,7 @@ def plot_throughput_tpf(runs: Sequence[dict[str, Any]], path: Path) -> None:
     labels = [r["label"] for r in runs]
     colors = [MODE_COLORS.get(r.get("mode"), MODE_COLORS[None]) for r in runs]
     tps = [r["summary"]["output_throughput"] or 0.0 for r in runs]
-    tpf = [(r.get("tpf") or {}).get("tpf_weighted") for r in runs]
+    tpf = [tpf_value(r) for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(runs) + 4), 4.5))
     x = list(range(len(runs)))
     axes[0].bar(x, tps, color=colors)
@@ -120,51 +126,55 @@ def plot_latency(runs: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot_tradeoff(runs: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Speed/quality as refine_steps varies: left, tokens/s and agreement against
-    refine_steps per mode; right, tokens/s against agreement. False if nothing to plot."""
+    """Speed/quality as refine_steps varies, per mode: tokens/s, TPF and agreement with
+    AR against refine_steps, and tokens/s against agreement. False if nothing to plot."""
     swept = [r for r in runs if r.get("refine_steps") is not None and r.get("quality")]
     if not swept:
         return False
     plt = _plt()
-    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
-    ax_q = ax_l.twinx()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ax_tps, ax_tpf, ax_q, ax_tr = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
     modes: list[Any] = []
     for r in swept:
         if r.get("mode") not in modes:
             modes.append(r.get("mode"))
+    ar = next((r for r in runs if r.get("mode") == "ar"), None)
     for mode in modes:
         pts = sorted((r for r in swept if r.get("mode") == mode), key=lambda r: r["refine_steps"])
         steps = [r["refine_steps"] for r in pts]
         tps = [r["summary"]["output_throughput"] or 0.0 for r in pts]
+        tpf = [tpf_value(r) for r in pts]
         q = [r["quality"]["token_agreement"] for r in pts]
         em = [r["quality"]["exact_match"] for r in pts]
         c = MODE_COLORS.get(mode, MODE_COLORS[None])
         name = mode or "default"
-        ax_l.plot(steps, tps, "o-", color=c, label=f"{name} tokens/s")
-        ax_q.plot(steps, q, "s--", color=c, alpha=0.6, label=f"{name} token agreement")
-        ax_q.plot(steps, em, "^:", color=c, alpha=0.6, label=f"{name} exact match")
-        ax_r.plot(q, tps, "o-", color=c, label=name)
+        ax_tps.plot(steps, tps, "o-", color=c, label=name)
+        if any(v is not None for v in tpf):
+            ax_tpf.plot([s for s, v in zip(steps, tpf) if v is not None], [v for v in tpf if v is not None],
+                        "o-", color=c, label=name)
+        ax_q.plot(steps, q, "o-", color=c, label=f"{name} token agreement")
+        ax_q.plot(steps, em, "^:", color=c, label=f"{name} exact match")
+        ax_tr.plot(q, tps, "o-", color=c, label=name)
         for r, qq, t in zip(pts, q, tps):
-            ax_r.annotate(f"rs={r['refine_steps']}", (qq, t), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for r in runs:  # AR reference point, if measured
-        if r.get("mode") == "ar" and r.get("quality"):
-            ax_r.scatter([r["quality"]["token_agreement"]], [r["summary"]["output_throughput"] or 0.0],
-                         marker="*", s=150, color=MODE_COLORS["ar"], label="ar", zorder=3)
-    ax_l.set_xlabel("refine_steps")
-    ax_l.set_ylabel("output tokens / s")
-    ax_q.set_ylabel("agreement with AR (temperature 0)")
-    ax_q.set_ylim(-0.05, 1.05)
-    ax_l.set_title("Speed and AR agreement vs refine_steps")
-    h1, l1 = ax_l.get_legend_handles_labels()
-    h2, l2 = ax_q.get_legend_handles_labels()
-    ax_l.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-    ax_l.grid(alpha=0.3)
-    ax_r.set_xlabel("token agreement with AR")
-    ax_r.set_ylabel("output tokens / s")
-    ax_r.set_xlim(-0.05, 1.05)
-    ax_r.set_title("Speed / quality trade-off")
-    ax_r.legend(fontsize=8)
-    ax_r.grid(alpha=0.3)
+            ax_tr.annotate(f"rs={r['refine_steps']}", (qq, t), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if ar is not None:  # the AR baseline, where measured
+        c = MODE_COLORS["ar"]
+        ax_tps.axhline(ar["summary"]["output_throughput"] or 0.0, color=c, ls="--", label="ar")
+        ar_tpf = tpf_value(ar)
+        if ar_tpf is not None:
+            ax_tpf.axhline(ar_tpf, color=c, ls="--", label="ar")
+        if ar.get("quality"):
+            ax_tr.scatter([ar["quality"]["token_agreement"]], [ar["summary"]["output_throughput"] or 0.0],
+                          marker="*", s=150, color=c, label="ar", zorder=3)
+    ax_tps.set(title="Output throughput", xlabel="refine_steps", ylabel="tokens / s")
+    ax_tpf.set(title="Tokens per forward pass", xlabel="refine_steps", ylabel="TPF")
+    ax_q.set(title="Agreement with AR (temperature 0)", xlabel="refine_steps", ylabel="fraction", ylim=(-0.05, 1.05))
+    ax_tr.set(title="Speed / quality trade-off", xlabel="token agreement with AR", ylabel="tokens / s",
+              xlim=(-0.05, 1.05))
+    for ax in (ax_tps, ax_tpf, ax_q, ax_tr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -50,6 +50,8 @@ class LLMEngine:
         mc = model.config
         self.model_config = mc
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":
+            model.fuse_projections()  # one GEMM for q/k/v and one for gate/up
         self.max_model_len = min(config.max_model_len or 8192, mc.max_position_embeddings)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_pages = -(-kv_tokens // config.page_size)
@@ -66,7 +68,18 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv, modes
         )
-        self.runner = ModelRunner(model, num_pages, config.page_size, self.device, next(model.parameters()).dtype)
+        graphs = self.device.type == "cuda" and config.use_cuda_graphs
+        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= config.max_num_seqs)
+        self.runner = ModelRunner(
+            model,
+            num_pages,
+            config.page_size,
+            self.device,
+            next(model.parameters()).dtype,
+            max_pages_per_seq=-(-self.max_model_len // config.page_size),
+            graph_query_lens=(1, mc.block_size) if graphs else (),
+            graph_batch_sizes=buckets if graphs else (),
+        )
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.eos_ids = frozenset(mc.eos_token_ids)
@@ -218,8 +231,6 @@ class LLMEngine:
         out.stats = req.stats
         self.requests.pop(req.request_id, None)
         self.metrics.on_request_finished(req.stats, req.finish_reason or "abort")
-        if req.stats.preemptions:
-            pass
         return out
 
     # ------------------------------------------------------------- offline

@@ -11,13 +11,22 @@ Shapes: tokens may be flat ``[T]`` (the engine's ragged batch) or batched ``[B, 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from server.model.config import ModelConfig
 from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, llama4_query_scale
+
+
+class RopeTables(NamedTuple):
+    """Rotary tables for one forward: query tables include the Llama-4 query scale."""
+
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class AttentionContext(Protocol):
@@ -67,27 +76,28 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         self.draft_lora: LoraDelta | None = None  # applied only on draft rows (self-speculation)
-        beta = config.rope.llama_4_scaling_beta
-        self.query_scale_beta = float(beta) if beta else None
-        self.query_scale_period = config.rope.original_max_position_embeddings or config.max_position_embeddings
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections() (inference on GPU)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        ctx: AttentionContext,
-        lora_rows: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one fused projection (same math, one GEMM instead of three)."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.qkv_proj.weight = nn.Parameter(w.detach(), requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: AttentionContext, lora_rows: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.query_scale_beta is not None:
-            scale = llama4_query_scale(positions, self.query_scale_beta, self.query_scale_period)
-            q = q * scale[..., None, None].to(q.dtype)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+            q = qkv[..., : hq * d].view(*lead, hq, d)
+            k = qkv[..., hq * d : (hq + hkv) * d].view(*lead, hkv, d)
+            v = qkv[..., (hq + hkv) * d :].view(*lead, hkv, d)
+        else:
+            q = self.q_proj(x).view(*lead, hq, d)
+            k = self.k_proj(x).view(*lead, hkv, d)
+            v = self.v_proj(x).view(*lead, hkv, d)
+        q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
         attn = ctx.attend(self.layer, q, k, v).reshape(*lead, self.num_heads * self.head_dim)
         out = self.o_proj(attn)
         if self.draft_lora is not None and lora_rows is not None:
@@ -103,8 +113,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, cos, sin, ctx, lora_rows):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, ctx, lora_rows)
+    def forward(self, x, rope, ctx, lora_rows):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, lora_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,13 +145,30 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states (after the last norm), shape ``[..., T, hidden]``.
         ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter."""
+        rope = self.rope_tables(positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, ctx, lora_rows)
+        return self.norm(x)
+
+    def rope_tables(self, positions: torch.Tensor) -> "RopeTables":
+        """cos/sin at ``positions`` once per forward; the Llama-4 query scale (applied after
+        RoPE, queries only) is folded into the query tables: rot(q)*s == q*(cos*s) + r(q)*(sin*s)."""
         cos, sin = self.rotary.cos_sin(positions.reshape(-1))
         cos = cos.view(*positions.shape, -1)
         sin = sin.view(*positions.shape, -1)
-        x = self.embed_tokens(input_ids)
+        beta = self.config.rope.llama_4_scaling_beta
+        if not beta:
+            return RopeTables(cos, sin, cos, sin)
+        period = self.config.rope.original_max_position_embeddings or self.config.max_position_embeddings
+        scale = llama4_query_scale(positions, float(beta), period)[..., None]
+        return RopeTables(cos * scale, sin * scale, cos, sin)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up weights for inference (one GEMM each). Irreversible."""
         for layer in self.layers:
-            x = layer(x, positions, cos, sin, ctx, lora_rows)
-        return self.norm(x)
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the given hidden rows."""

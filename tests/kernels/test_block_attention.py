@@ -9,6 +9,7 @@ every cache slot outside a sequence's prefix holds NaN so that any read past the
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -178,7 +179,7 @@ def test_triton_small_tiles(group, device):
 def test_split_kv_matches_reference(dtype, group, num_splits, device):
     b = make_batch(LONG, num_kv_heads=2, group=group, head_dim=16, page_size=16, dtype=dtype,
                    device=device, seed=2)
-    out = block_attention(*b.args(), num_splits=num_splits, block_n=16)
+    out = block_attention(*b.args(), num_splits=num_splits, block_n=32)
     assert_close(out, paged_attention_reference(*b.args()), dtype)
 
 
@@ -226,8 +227,8 @@ def test_ops_dispatch_cpu(force_reference, monkeypatch):
     ref = ops.paged_attention(*b.args())
     assert torch.equal(ref, paged_attention_reference(*b.args()))
     monkeypatch.setenv("NLD_FORCE_TRITON", "1")
-    if not ops.triton_available():
-        pytest.skip("no Triton backend (GPU or interpreter)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
     assert_close(ops.paged_attention(*b.args()), ref, torch.float32)
     # max_query_len omitted: computed from query_start_loc.
     assert_close(ops.paged_attention(*b.args()[:-1]), ref, torch.float32)

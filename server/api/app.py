@@ -1,0 +1,172 @@
+"""``create_app``: the FastAPI application around an ``EngineClient``.
+
+``app.state`` holds ``engine`` (the EngineClient), ``settings`` (ServerSettings),
+``metrics_registry`` (what /metrics exposes), ``draining`` (bool) and ``begin_drain()``
+(sets ``draining``: /ready and new generation requests then answer 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import prometheus_client
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.errors import APIError, install_error_handlers
+from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+    VersionInfo,
+)
+from server.api.serving import resolve_model, serve_generation_safely
+from server.api.settings import ServerSettings
+from server.engine.client import EngineClient
+
+logger = logging.getLogger("server.api")
+
+OWNED_BY = "nld-server"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    500: {"model": ErrorResponse, "description": "Internal error"},
+    503: {"model": ErrorResponse, "description": "Queue full or draining (see Retry-After)"},
+}
+
+
+def _generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
+    stream = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}}}
+    return {200: {"model": model, "content": stream, "description": "JSON, or SSE when stream is true"}, **_ERRORS}
+
+
+def _is_ready(engine: EngineClient) -> bool:
+    try:
+        return bool(engine.is_ready())
+    except Exception:
+        logger.exception("engine.is_ready() failed")
+        return False
+
+
+def create_app(
+    engine: EngineClient,
+    *,
+    served_model_names: list[str],
+    api_key: str | None,
+    default_mode: str,
+    default_refine_steps: int | None,
+    max_body_bytes: int,
+    metrics_registry: prometheus_client.CollectorRegistry | None = None,
+    version: str,
+    keepalive_s: float = 10.0,
+    default_max_tokens: int = 4096,
+) -> FastAPI:
+    """Build the OpenAI-compatible app serving ``engine``.
+
+    ``served_model_names`` are the names a request's ``model`` may use (the engine's
+    ``model_name`` when empty); ``api_key`` guards ``/v1/*`` when set; ``default_mode`` /
+    ``default_refine_steps`` apply when a request gives none; ``keepalive_s`` is the SSE
+    keep-alive interval; ``default_max_tokens`` caps the default completion budget.
+    """
+    settings = ServerSettings(
+        served_model_names=tuple(served_model_names or [engine.model_name]),
+        api_key=api_key or None,
+        default_mode=default_mode,
+        default_refine_steps=default_refine_steps,
+        max_body_bytes=max_body_bytes,
+        version=version,
+        keepalive_s=keepalive_s,
+        default_max_tokens=default_max_tokens,
+    )
+    app = FastAPI(title="nld-server", version=version, description="OpenAI-compatible tri-mode diffusion LM server")
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics_registry = metrics_registry if metrics_registry is not None else prometheus_client.REGISTRY
+    app.state.draining = False
+
+    def begin_drain() -> None:
+        """Stop accepting work: /ready and new generation requests answer 503."""
+        app.state.draining = True
+
+    app.state.begin_drain = begin_drain
+    install_error_handlers(app)
+    # Added innermost first: RequestId wraps ApiKey wraps BodyLimit wraps the routes.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestIdMiddleware)
+    created = int(time.time())
+
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=created, owned_by=OWNED_BY, root=engine.model_name, max_model_len=engine.max_model_len)
+
+    @app.post(
+        "/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse),
+        tags=["openai"],
+    )
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        """Chat completion (set ``stream`` for SSE). Extensions: mode, refine_steps, ..."""
+        return await serve_generation_safely(request, body)
+
+    @app.post(
+        "/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse), tags=["openai"]
+    )
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        """Legacy text completion (set ``stream`` for SSE)."""
+        return await serve_generation_safely(request, body)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, tags=["openai"])
+    async def list_models() -> ModelList:
+        return ModelList(data=[card(name) for name in settings.served_model_names])
+
+    @app.get(
+        "/v1/models/{model_id:path}", response_model=ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]},
+        tags=["openai"],
+    )
+    async def get_model(model_id: str) -> ModelCard:
+        return card(resolve_model(settings, model_id))
+
+    @app.get("/health", response_model=HealthStatus, tags=["ops"])
+    async def health() -> HealthStatus:
+        """Liveness: the HTTP process answers."""
+        return HealthStatus(status="ok")
+
+    @app.get(
+        "/ready", response_model=HealthStatus, tags=["ops"],
+        responses={503: {"model": HealthStatus, "description": "Not ready, or draining"}},
+    )
+    async def ready() -> Response:
+        """Readiness: 200 only when the engine is ready and the server is not draining."""
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
+        if not _is_ready(engine):
+            return JSONResponse({"status": "not_ready"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready"})
+
+    @app.get(
+        "/metrics", response_class=Response, tags=["ops"],
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+    )
+    async def metrics() -> Response:
+        registry = app.state.metrics_registry
+        return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    @app.get("/version", response_model=VersionInfo, tags=["ops"])
+    async def get_version() -> VersionInfo:
+        return VersionInfo(version=version)
+
+    return app
+
+
+__all__ = ["create_app", "APIError"]

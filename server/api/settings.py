@@ -1,0 +1,34 @@
+"""Settings of the HTTP layer (what ``create_app`` was given), kept on ``app.state.settings``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.engine.params import MODES
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...]
+    api_key: str | None
+    default_mode: str
+    default_refine_steps: int | None
+    max_body_bytes: int
+    version: str
+    keepalive_s: float = 10.0  # SSE keep-alive comment interval while waiting for output
+    default_max_tokens: int = 4096  # cap of the default completion budget (remaining context)
+    max_choices: int = 64  # prompts x n per request
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("at least one served model name is required")
+        if self.default_mode not in MODES:
+            raise ValueError(f"unknown default mode {self.default_mode!r}; expected one of {', '.join(MODES)}")
+        if self.default_refine_steps is not None and self.default_refine_steps < 1:
+            raise ValueError(f"default_refine_steps must be >= 1, got {self.default_refine_steps}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.keepalive_s <= 0:
+            raise ValueError(f"keepalive_s must be > 0, got {self.keepalive_s}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")

@@ -1,0 +1,284 @@
+"""A naive reference decoder for the three modes, written independently of ``server.engine``.
+
+Dense, unpaged, unbatched: every pass recomputes attention over the whole token list with an
+explicit boolean mask (``DenseAttention``). Greedy (temperature 0) only.
+
+Masks:
+- causal over the committed tokens (prefill, decode, commit, verify);
+- denoise / draft: the committed tokens causal among themselves, plus a block that attends to
+  every committed token and bidirectionally to the whole block.
+
+Semantics (the engine's documented contract, docs/nemotron-labs-diffusion.md §2 and the
+``server/engine/modes`` docstrings):
+- argmax never picks the mask id; the confidence of a proposal is softmax(raw logits)[token]
+  with the mask id INCLUDED in the denominator;
+- a stop token ends the request and is not emitted; output stops at ``max_tokens`` and at the
+  context limit (``max_model_len`` total tokens).
+
+Every decision records its margin (gap to the nearest different outcome), so a test can tell a
+real mismatch from a floating-point near-tie between the dense and the paged computation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from server.model.model import DecoderModel, DenseAttention
+
+
+# --------------------------------------------------------------------------- passes
+def causal_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def block_mask(n_ctx: int, n_block: int) -> torch.Tensor:
+    """Committed tokens causal; the block's rows see every committed token and the whole block."""
+    m = causal_mask(n_ctx + n_block)
+    m[n_ctx:, :] = True
+    return m
+
+
+@torch.inference_mode()
+def forward_logits(
+    model: DecoderModel, tokens: list[int], allowed: torch.Tensor, lora_rows: list[bool] | None = None
+) -> torch.Tensor:
+    """fp32 logits [T, V] of every position of ``tokens`` (positions 0..T-1)."""
+    ids = torch.tensor(tokens, dtype=torch.int64)
+    pos = torch.arange(len(tokens), dtype=torch.int64)
+    lr = torch.tensor(lora_rows, dtype=torch.bool) if lora_rows is not None and any(lora_rows) else None
+    hidden = model(ids, pos, DenseAttention(allowed), lr)
+    return model.compute_logits(hidden).float()
+
+
+def causal_logits(model: DecoderModel, tokens: list[int]) -> torch.Tensor:
+    return forward_logits(model, tokens, causal_mask(len(tokens)))
+
+
+def block_logits(model: DecoderModel, committed: list[int], block: list[int], lora: bool = False) -> torch.Tensor:
+    """Logits of the block's rows under the denoise/draft mask."""
+    n = len(committed)
+    rows = [False] * n + [lora] * len(block)
+    return forward_logits(model, committed + block, block_mask(n, len(block)), rows)[n:]
+
+
+# ------------------------------------------------------------------------- decisions
+@dataclass
+class Trace:
+    """Smallest margin of any decision taken (inf if none was close)."""
+
+    min_margin: float = math.inf
+
+    def note(self, margin: float) -> None:
+        self.min_margin = min(self.min_margin, margin)
+
+
+def pick(logits: torch.Tensor, mask_id: int | None, trace: Trace | None) -> tuple[int, float, float]:
+    """Greedy token (mask id excluded), its confidence (softmax over ALL ids, mask included, at
+    fp32: the precision of the engine's logits) and the argmax margin (top-1 minus top-2 logit).
+    The margin is noted on ``trace`` when one is given."""
+    allowed = logits.clone()
+    if mask_id is not None:
+        allowed[mask_id] = float("-inf")
+    top = torch.topk(allowed, 2)
+    margin = float(top.values[0] - top.values[1])
+    if trace is not None:
+        trace.note(margin)
+    tok = int(top.indices[0])
+    conf = float(torch.log_softmax(logits.float(), dim=-1)[tok].exp())
+    return tok, conf, margin
+
+
+def _gap(a: float, b: float) -> float:
+    """Margin of an ordering decision between two confidences. Exactly equal values (both
+    saturated at 1.0 in fp32) are a deterministic tie broken by position, not a near-tie."""
+    return math.inf if a == b else abs(a - b)
+
+
+def choose_reveals(
+    candidates: list[int], conf: dict[int, float], policy: str, threshold: float, passes_left: int, trace: Trace
+) -> set[int]:
+    """threshold: the most confident candidate plus all with confidence >= threshold;
+    low_confidence: the k most confident; leftmost: the k leftmost; k = ceil(n / passes left);
+    every candidate on the last allowed pass. Equal confidences rank left to right."""
+    if passes_left <= 1:
+        return set(candidates)
+    ranked = sorted(candidates, key=lambda i: (-conf[i], i))
+    if policy == "threshold":
+        above = {i for i in candidates if conf[i] >= threshold}
+        for i in candidates:
+            trace.note(abs(conf[i] - threshold))
+        if not above and len(ranked) > 1:
+            trace.note(_gap(conf[ranked[0]], conf[ranked[1]]))
+        return above | {ranked[0]}
+    k = -(-len(candidates) // passes_left)
+    if policy == "low_confidence":
+        if k < len(ranked):
+            trace.note(_gap(conf[ranked[k - 1]], conf[ranked[k]]))
+        return set(ranked[:k])
+    if policy == "leftmost":
+        return set(sorted(candidates)[:k])
+    raise ValueError(policy)
+
+
+# ----------------------------------------------------------------------------- output
+@dataclass
+class Output:
+    prompt_len: int
+    max_tokens: int
+    max_model_len: int
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, min(self.max_tokens - len(self.tokens), self.max_model_len - self.prompt_len - len(self.tokens)))
+
+    def emit(self, toks: list[int]) -> None:
+        for t in toks:
+            if self.remaining <= 0:
+                self.finish_reason = "length"
+                return
+            if t in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            self.tokens.append(t)
+        if self.remaining <= 0:
+            self.finish_reason = "length"
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    finish_reason: str
+    min_margin: float
+    draft_margin: float = math.inf  # self_spec: smallest draft margin (acceptance lengths only)
+    denoise_steps_per_block: list[int] = field(default_factory=list)
+    acceptance_lengths: list[int] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ modes
+def ar_greedy(
+    model: DecoderModel, prompt: list[int], *, max_tokens: int, max_model_len: int, stop_ids=(), mask_id: int | None = None
+) -> Result:
+    out = Output(len(prompt), max_tokens, max_model_len, frozenset(stop_ids))
+    trace = Trace()
+    while out.finish_reason is None:
+        logits = causal_logits(model, list(prompt) + out.tokens)[-1]
+        out.emit([pick(logits, mask_id, trace)[0]])
+    return Result(out.tokens, out.finish_reason, trace.min_margin)
+
+
+def diffusion_greedy(
+    model: DecoderModel,
+    prompt: list[int],
+    *,
+    block_length: int,
+    refine_steps: int,
+    policy: str,
+    threshold: float = 0.9,
+    seed_first_position: bool = True,
+    max_tokens: int,
+    max_model_len: int,
+    stop_ids=(),
+    mask_id: int,
+) -> Result:
+    stops = frozenset(stop_ids)
+    out = Output(len(prompt), max_tokens, max_model_len, stops)
+    trace = Trace()
+    steps_per_block: list[int] = []
+    while out.finish_reason is None:
+        seq = list(prompt) + out.tokens
+        n = min(block_length, max_model_len - len(seq))
+        canvas = [mask_id] * n
+        revealed = [False] * n
+        if seed_first_position:
+            canvas[0] = pick(causal_logits(model, seq)[-1], mask_id, trace)[0]
+            revealed[0] = True
+
+        def first_stop() -> int | None:
+            return next((i for i in range(n) if revealed[i] and canvas[i] in stops), None)
+
+        def candidates() -> list[int]:
+            s = first_stop()
+            return [i for i in range(n if s is None else s) if not revealed[i]]
+
+        passes = 0
+        while candidates():
+            passes += 1
+            logits = block_logits(model, seq, canvas)
+            cand = candidates()
+            proposals = {i: pick(logits[i], mask_id, None) for i in cand}
+            chosen = choose_reveals(
+                cand, {i: p[1] for i, p in proposals.items()}, policy, threshold, refine_steps - passes + 1, trace
+            )
+            for i in chosen:  # only a revealed token's identity matters
+                trace.note(proposals[i][2])
+                canvas[i], revealed[i] = proposals[i][0], True
+        steps_per_block.append(passes)
+        s = first_stop()
+        out.emit(canvas if s is None else canvas[: s + 1])
+    return Result(out.tokens, out.finish_reason, trace.min_margin, denoise_steps_per_block=steps_per_block)
+
+
+def self_spec_greedy(
+    model: DecoderModel,
+    prompt: list[int],
+    *,
+    draft_length: int,
+    max_tokens: int,
+    max_model_len: int,
+    stop_ids=(),
+    mask_id: int,
+) -> Result:
+    """Draft over [seed, MASK x D] (bidirectional, draft LoRA on its rows), verify over
+    [seed, d1..dD] (causal), accept the agreeing prefix plus the verifier's bonus token."""
+    out = Output(len(prompt), max_tokens, max_model_len, frozenset(stop_ids))
+    trace = Trace()
+    out.emit([pick(causal_logits(model, list(prompt))[-1], mask_id, trace)[0]])
+    acc_lengths: list[int] = []
+    all_drafts: list[list[int]] = []
+    draft_trace = Trace()
+    while out.finish_reason is None:
+        committed = list(prompt) + out.tokens[:-1]
+        seed = out.tokens[-1]
+        d = max(1, min(draft_length, out.remaining, max_model_len - len(committed) - 1))
+        dl = block_logits(model, committed, [seed] + [mask_id] * d, lora=True)[1:]
+        drafts = [pick(row, mask_id, draft_trace)[0] for row in dl]  # a near-tie here moves only acceptance
+        vl = causal_logits(model, committed + [seed] + drafts)[len(committed) :]
+        picks = [pick(row, mask_id, None) for row in vl]
+        verifier = [p[0] for p in picks]
+        acc = 0
+        while acc < d and verifier[acc] == drafts[acc]:
+            acc += 1
+        for p in picks[: acc + 1]:  # rows past the first disagreement decide nothing
+            trace.note(p[2])
+        acc_lengths.append(acc + 1)
+        all_drafts.append(drafts)
+        out.emit(drafts[:acc] + [verifier[acc]])
+    return Result(
+        out.tokens,
+        out.finish_reason,
+        trace.min_margin,
+        draft_margin=draft_trace.min_margin,
+        acceptance_lengths=acc_lengths,
+        drafts=all_drafts,
+    )
+
+
+def run_reference(model: DecoderModel, prompt: list[int], spec: dict, *, max_model_len: int, mask_id: int) -> Result:
+    """Dispatch on ``spec['mode']``; ``spec`` holds the keyword arguments of the mode function
+    plus ``mode``, ``max_tokens`` and ``stop_ids``."""
+    kw = dict(spec)
+    mode = kw.pop("mode")
+    if mode == "ar":
+        return ar_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
+    if mode == "diffusion":
+        return diffusion_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
+    if mode == "self_spec":
+        return self_spec_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
+    raise ValueError(mode)
