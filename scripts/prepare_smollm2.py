@@ -19,7 +19,7 @@ def main() -> int:
     start = time.monotonic()
     already = is_built(cache_dir())
     path = smollm2_dir()
-    note = "already built" if already else f"built in {time.monotonic() - start:.0f} s"
+    note = "already built" if already else f"ready after {time.monotonic() - start:.0f} s (built here or by a concurrent process)"
     print(f"{path} ({note})")
     return 0
 

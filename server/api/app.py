@@ -13,6 +13,7 @@ from typing import Any
 
 import prometheus_client
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, install_error_handlers
@@ -57,6 +58,23 @@ def _is_ready(engine: EngineClient) -> bool:
     except Exception:
         logger.exception("engine.is_ready() failed")
         return False
+
+
+def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...]) -> None:
+    """The generated OpenAPI schema, with ``model`` restricted to the served names."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                model_field = components.get(name, {}).get("properties", {}).get("model")
+                if model_field is not None:
+                    model_field["enum"] = list(served_model_names)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(
@@ -166,6 +184,7 @@ def create_app(
     async def get_version() -> VersionInfo:
         return VersionInfo(version=version)
 
+    _install_openapi(app, settings.served_model_names)
     return app
 
 

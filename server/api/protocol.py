@@ -10,9 +10,9 @@ Whether a mode can honour a field is not decided here (see ``sampling.py``).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
 MAX_N = 16
@@ -24,6 +24,23 @@ FinishReasonName = Literal["stop", "length"]
 
 
 # --------------------------------------------------------------------------- requests
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    """JSON Schema counts ``5.0`` as an integer; accept it (but never strings or 5.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_AsInt = BeforeValidator(_integral_float_to_int)
+# (the bounds must precede the validator for them to show in the JSON schema)
+PositiveInt = Annotated[int, Field(ge=1), _AsInt]
+NonNegativeInt = Annotated[int, Field(ge=0), _AsInt]
+SeedInt = Annotated[int, Field(ge=0, lt=2**63), _AsInt]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N), _AsInt]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _AsInt]
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 
 
 class _RequestModel(BaseModel):
@@ -54,40 +71,40 @@ class _GenerationRequest(_RequestModel):
     """Fields shared by chat and legacy completions, plus our decoding extensions."""
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[PositiveInt] = None
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    seed: Optional[SeedInt] = None
+    n: Optional[ChoiceCount] = None
     stop: StopField = Field(None, description=f"up to {MAX_STOP_STRINGS} non-empty strings")
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # --- extensions (top level; the openai client sends them through ``extra_body``)
     mode: Optional[ModeName] = Field(None, description="decoding mode; the server default when absent")
-    refine_steps: Optional[int] = Field(None, ge=1, description="diffusion: denoising steps per block")
-    block_length: Optional[int] = Field(None, ge=1, description="diffusion / self_spec: block length")
+    refine_steps: Optional[PositiveInt] = Field(None, description="diffusion: denoising steps per block")
+    block_length: Optional[PositiveInt] = Field(None, description="diffusion / self_spec: block length")
     threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="diffusion: unmasking confidence threshold")
     policy: Optional[PolicyName] = Field(None, description="diffusion: unmasking policy")
-    draft_length: Optional[int] = Field(None, ge=1, description="self_spec: drafted tokens per cycle")
-    top_k: Optional[int] = Field(None, ge=0, description="0 disables top-k")
+    draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
+    top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[PositiveInt] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Optional[LogprobCount] = None
 
 
-PromptField = Union[str, list[str], list[int], list[list[int]]]
+PromptField = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]]
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: PromptField
     echo: Optional[bool] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Optional[LogprobCount] = None
 
 
 GenerationRequest = Union[ChatCompletionRequest, CompletionRequest]
