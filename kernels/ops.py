@@ -1,8 +1,10 @@
-"""Public attention ops: input checks and dispatch between Triton and the PyTorch reference.
+"""Public kernel ops: input checks and dispatch between Triton and the PyTorch reference.
 
-Dispatch rule:
+Attention (``paged_attention``, ``store_kv``) and the elementwise ops of the fused model path
+(``rms_norm``, ``rotary_qk``, ``silu_mul``). Dispatch rule:
 
-* CUDA tensors -> Triton kernels (``kernels.block_attention``, ``kernels.kv_store``).
+* CUDA tensors -> Triton kernels (``kernels.block_attention``, ``kernels.kv_store``,
+  ``kernels.elementwise``).
 * CPU tensors -> the PyTorch reference (``kernels.reference``), unless the environment variable
   ``NLD_FORCE_TRITON=1`` is set; then the Triton kernels run, which on the CPU needs Triton's
   interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are imported).
@@ -23,12 +25,22 @@ import os
 
 import torch
 
-from kernels.reference import paged_attention_reference, store_kv_reference
+from kernels.reference import (
+    paged_attention_reference,
+    rms_norm_reference,
+    rotary_qk_reference,
+    silu_mul_reference,
+    store_kv_reference,
+)
 
-__all__ = ["paged_attention", "store_kv", "triton_available", "use_triton"]
+__all__ = [
+    "paged_attention", "store_kv", "rms_norm", "rotary_qk", "silu_mul", "triton_available",
+    "use_triton",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SLOT_DTYPES = (torch.int32, torch.int64)
+_MAX_RMS_NORM_COLS = 32768  # kernels.elementwise.MAX_RMS_NORM_COLS (not imported: no Triton here)
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,3 +209,108 @@ def store_kv(
     from kernels.kv_store import kv_store
 
     kv_store(k, v, k_cache, v_cache, slot_mapping)
+
+
+# ------------------------------------------------------------------------ elementwise ops
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, new_residual)``. With ``residual``, first ``x = x + residual`` (returned as
+    ``new_residual``, in ``x``'s dtype); without, ``new_residual`` is ``x``. Then
+    ``y = weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` (``RMSNorm.forward``)."""
+    _check(isinstance(x, torch.Tensor) and x.dim() >= 1, "x must be a tensor [..., hidden]")
+    hidden = x.shape[-1]
+    _check(x.dtype in _FLOAT_DTYPES, f"x must be float16/bfloat16/float32, got {x.dtype}")
+    _check(isinstance(weight, torch.Tensor) and weight.shape == (hidden,),
+           f"weight must be [{hidden}], got {tuple(getattr(weight, 'shape', ()))}")
+    _check(weight.dtype in _FLOAT_DTYPES, f"weight must be a float tensor, got {weight.dtype}")
+    _check(isinstance(eps, (float, int)) and eps >= 0, f"eps must be >= 0, got {eps!r}")
+    if residual is not None:
+        _check(isinstance(residual, torch.Tensor) and residual.shape == x.shape,
+               f"residual must have x's shape {tuple(x.shape)}, got "
+               f"{tuple(getattr(residual, 'shape', ()))}")
+        _check(residual.dtype == x.dtype,
+               f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+        _check_same_device(x.device, weight=weight, residual=residual)
+    else:
+        _check_same_device(x.device, weight=weight)
+    # rows wider than one program's register tile take the reference (still on the device)
+    if not use_triton(x.device) or not 0 < hidden <= _MAX_RMS_NORM_COLS:
+        return rms_norm_reference(x, weight, float(eps), residual)
+    _require_triton(x.device)
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else None
+    y, new_res = _elementwise().rms_norm_triton(x2, weight.contiguous(), float(eps), r2)
+    return y.view(*lead, hidden), (new_res.view(*lead, hidden) if residual is not None else x)
+
+
+def rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_q: torch.Tensor,
+    sin_q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox (rotate-half) rotary, fp32 math, outputs in the inputs' dtype (``apply_rotary``):
+    ``q`` ``[..., Hq, D]`` with ``cos_q``/``sin_q``, ``k`` ``[..., Hkv, D]`` with ``cos``/``sin``
+    (tables ``[..., D]`` over the same leading dims). ``q``/``k`` may be strided views (e.g.
+    into a fused QKV output); the outputs are new contiguous tensors."""
+    _check(isinstance(q, torch.Tensor) and q.dim() >= 3, "q must be [..., T, Hq, D]")
+    _check(isinstance(k, torch.Tensor) and k.dim() == q.dim(), "k must be [..., T, Hkv, D]")
+    lead, head_dim = q.shape[:-2], q.shape[-1]
+    _check(k.shape[:-2] == lead and k.shape[-1] == head_dim,
+           f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (leading dims, head_dim)")
+    _check(head_dim % 2 == 0, f"head_dim must be even for rotate-half rotary, got {head_dim}")
+    for name, t in (("q", q), ("k", k)):
+        _check(t.dtype in _FLOAT_DTYPES, f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+    for name, t in (("cos_q", cos_q), ("sin_q", sin_q), ("cos", cos), ("sin", sin)):
+        _check(isinstance(t, torch.Tensor) and t.shape == (*lead, head_dim),
+               f"{name} must be {(*lead, head_dim)}, got {tuple(getattr(t, 'shape', ()))}")
+        _check(t.dtype in _FLOAT_DTYPES, f"{name} must be a float tensor, got {t.dtype}")
+    _check_same_device(q.device, k=k, cos_q=cos_q, sin_q=sin_q, cos=cos, sin=sin)
+    if not use_triton(q.device):
+        return rotary_qk_reference(q, k, cos_q, sin_q, cos, sin)
+    _require_triton(q.device)
+    q3 = _rows(q, keep=2)
+    k3 = _rows(k, keep=2)
+    tables = [_rows(t) for t in (cos_q, sin_q, cos, sin)]
+    q_out, k_out = _elementwise().rotary_qk_triton(q3, k3, *tables)
+    return q_out.view(q.shape), k_out.view(k.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` where ``g, u`` are the two halves of the last dimension of ``gate_up``
+    ``[..., 2I]``; fp32 math, output ``[..., I]`` in ``gate_up``'s dtype."""
+    _check(isinstance(gate_up, torch.Tensor) and gate_up.dim() >= 1,
+           "gate_up must be a tensor [..., 2 * intermediate]")
+    _check(gate_up.shape[-1] % 2 == 0,
+           f"gate_up's last dimension must be even, got {gate_up.shape[-1]}")
+    _check(gate_up.dtype in _FLOAT_DTYPES,
+           f"gate_up must be float16/bfloat16/float32, got {gate_up.dtype}")
+    if not use_triton(gate_up.device):
+        return silu_mul_reference(gate_up)
+    _require_triton(gate_up.device)
+    out = _elementwise().silu_mul_triton(_rows(gate_up))
+    return out.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def _elementwise():  # type: ignore[no-untyped-def]
+    from kernels import elementwise
+
+    return elementwise
+
+
+def _rows(t: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """``t`` with its leading dims flattened into one (``keep`` trailing dims kept), a view
+    when the strides allow; the last dimension made unit-stride."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    flat = t.reshape(-1, *t.shape[t.dim() - keep:])
+    if flat.stride(-1) != 1:  # size-1 trailing dims can carry any stride
+        flat = flat.contiguous()
+    return flat

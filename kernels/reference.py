@@ -14,13 +14,21 @@ The functions here follow the attention contract of ``docs/design.md`` exactly:
 
 Scores, softmax and the weighted sum are computed in fp32; the output has ``q``'s dtype.
 The integer metadata is read on the host (``.tolist()``), which is fine on the CPU path.
+
+The elementwise references (``rms_norm_reference``, ``rotary_qk_reference``,
+``silu_mul_reference``) spell out the math of ``server.model.layers`` (``RMSNorm.forward``,
+``apply_rotary``, the SwiGLU gate) op for op, so on the CPU the fused model path gives the
+same numbers as the unfused one.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["paged_attention_reference", "store_kv_reference"]
+__all__ = [
+    "paged_attention_reference", "store_kv_reference", "rms_norm_reference",
+    "rotary_qk_reference", "silu_mul_reference",
+]
 
 
 def _gather_prefix(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
@@ -110,3 +118,47 @@ def store_kv_reference(
     pages, offsets = slots // page_size, slots % page_size
     k_cache[pages, offsets] = k[keep].to(k_cache.dtype)
     v_cache[pages, offsets] = v[keep].to(v_cache.dtype)
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, new_residual)``: ``x = x + residual`` first when a residual is given (the sum, in
+    ``x``'s dtype, is ``new_residual``; otherwise ``new_residual`` is ``x`` itself), then
+    ``y = weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``, as ``RMSNorm.forward``."""
+    if residual is not None:
+        x = x + residual
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype), x
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
+
+
+def rotary_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_q: torch.Tensor,
+    sin_q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotate-half rotary: ``q`` ``[..., Hq, D]`` with the query tables, ``k``
+    ``[..., Hkv, D]`` with the plain ones (tables ``[..., D]``, fp32); as ``apply_rotary``."""
+    return _rotate(q, cos_q, sin_q), _rotate(k, cos, sin)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` over the halves ``g, u`` of the last dimension, in fp32, cast back."""
+    n = gate_up.shape[-1] // 2
+    g, u = gate_up[..., :n].float(), gate_up[..., n:].float()
+    return (torch.nn.functional.silu(g) * u).to(gate_up.dtype)

@@ -60,8 +60,21 @@ def _is_ready(engine: EngineClient) -> bool:
         return False
 
 
-def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...]) -> None:
-    """The generated OpenAPI schema, with ``model`` restricted to the served names."""
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    """Give every integer (token id) inside a prompt schema the vocabulary's upper bound."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
+
+
+def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...], vocab_size: int) -> None:
+    """The generated OpenAPI schema, with ``model`` restricted to the served names and
+    prompt token ids to the vocabulary."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -71,6 +84,9 @@ def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...]) -> None:
                 model_field = components.get(name, {}).get("properties", {}).get("model")
                 if model_field is not None:
                     model_field["enum"] = list(served_model_names)
+            prompt_field = components.get("CompletionRequest", {}).get("properties", {}).get("prompt")
+            if prompt_field is not None:
+                _bound_token_ids(prompt_field, vocab_size)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -184,7 +200,7 @@ def create_app(
     async def get_version() -> VersionInfo:
         return VersionInfo(version=version)
 
-    _install_openapi(app, settings.served_model_names)
+    _install_openapi(app, settings.served_model_names, len(engine.tokenizer))
     return app
 
 

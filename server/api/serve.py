@@ -58,6 +58,8 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics(model_name=served_model_names[0])
     engine = AsyncEngine(lambda: LLMEngine.from_pretrained(config, metrics=metrics), served_model_names[0])
+    engine.start()
+    engine.wait_loaded()
     app = create_app(
         engine,
         served_model_names=served_model_names,
@@ -68,7 +70,6 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
         metrics_registry=metrics.registry,
         version=__version__,
     )
-    engine.start()
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, engine, args.drain_timeout)
     server.run()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from server.config import EngineConfig
+from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
 from server.engine.modes import make_mode
 from server.engine.modes.base import DecodeMode
@@ -80,6 +81,8 @@ class LLMEngine:
             graph_query_lens=(1, mc.block_size) if graphs else (),
             graph_batch_sizes=buckets if graphs else (),
         )
+        self.scheduler.on_preempt = lambda req: self.metrics.on_preemption(req.params.decode.mode)
+        self._prefix_seen = (0, 0)  # (queried, hit) tokens already reported to metrics
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.eos_ids = frozenset(mc.eos_token_ids)
@@ -152,7 +155,11 @@ class LLMEngine:
             arrival_order=next(self._arrivals),
         )
         req.stats.model = self.config.model
-        self.scheduler.add(req)
+        try:
+            self.scheduler.add(req)
+        except QueueFullError:
+            self.metrics.on_queue_rejected(params.decode.mode)
+            raise
         self.requests[request_id] = req
         return req
 
@@ -171,6 +178,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.time()
         batch = self.scheduler.schedule()
+        queried, hit = self.kv.prefix_queries, self.kv.prefix_hits
+        if (queried, hit) != self._prefix_seen:
+            self.metrics.on_prefix_cache(queried - self._prefix_seen[0], hit - self._prefix_seen[1])
+            self._prefix_seen = (queried, hit)
         outputs: list[RequestOutput] = []
         if batch:
             logits = self.runner.run(batch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
@@ -40,6 +41,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished_early: list[Request] = []  # finished while being scheduled (e.g. a stop seed)
         self.num_preemptions = 0
+        self.on_preempt: Callable[[Request], None] = lambda req: None
 
     def mode_of(self, req: Request) -> DecodeMode:
         return self.modes[req.params.decode.mode]
@@ -138,6 +140,7 @@ class Scheduler:
         req.status = Status.WAITING
         req.stats.preemptions += 1
         self.num_preemptions += 1
+        self.on_preempt(req)
         keys = [r.arrival_order for r in self.waiting]
         self.waiting.insert(bisect.bisect(keys, req.arrival_order), req)
 

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from kernels import ops as kernel_ops
 from server.model.config import ModelConfig
 from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, llama4_query_scale
 
@@ -97,7 +98,10 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(*lead, hq, d)
             k = self.k_proj(x).view(*lead, hkv, d)
             v = self.v_proj(x).view(*lead, hkv, d)
-        q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
+        if self.qkv_proj is not None:  # fused path (inference): q and k in one rotary kernel
+            q, k = kernel_ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
+        else:
+            q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
         attn = ctx.attend(self.layer, q, k, v).reshape(*lead, self.num_heads * self.head_dim)
         out = self.o_proj(attn)
         if self.draft_lora is not None and lora_rows is not None:
@@ -117,6 +121,17 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx, lora_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, x, residual, rope, ctx, lora_rows):  # type: ignore[no-untyped-def]
+        """The fused-kernel form of ``forward``: the hidden state is carried as ``x + residual``
+        (``residual`` None: just ``x``) and each residual add is fused into the next RMSNorm.
+        Returns ``(x, residual)`` of the layer output. Same math: the adds are the same fp
+        additions (``a + b == b + a``), only the RMS reduction order may differ."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = kernel_ops.rms_norm(x, norm1.weight, norm1.eps, residual)
+        a = self.self_attn(h, rope, ctx, lora_rows)
+        h, residual = kernel_ops.rms_norm(a, norm2.weight, norm2.eps, residual)
+        return self.mlp(h), residual
+
 
 class DecoderModel(nn.Module):
     """Embeddings, decoder layers, final norm and the output head."""
@@ -131,6 +146,8 @@ class DecoderModel(nn.Module):
         if config.tie_word_embeddings:
             self.head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        # set by fuse_projections(): residual adds fused into the RMSNorm kernels
+        self.fused_kernels = False
 
     @property
     def has_draft_lora(self) -> bool:
@@ -147,6 +164,11 @@ class DecoderModel(nn.Module):
         ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter."""
         rope = self.rope_tables(positions)
         x = self.embed_tokens(input_ids)
+        if self.fused_kernels:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer.forward_fused(x, residual, rope, ctx, lora_rows)
+            return kernel_ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
         for layer in self.layers:
             x = layer(x, rope, ctx, lora_rows)
         return self.norm(x)
@@ -165,10 +187,13 @@ class DecoderModel(nn.Module):
         return RopeTables(cos * scale, sin * scale, cos, sin)
 
     def fuse_projections(self) -> None:
-        """Fuse q/k/v and gate/up weights for inference (one GEMM each). Irreversible."""
+        """Fuse q/k/v and gate/up weights for inference (one GEMM each) and switch to the
+        fused elementwise kernels (``kernels.ops``: residual-add + RMSNorm, q/k rotary,
+        silu * up). Irreversible; inference only (the kernels have no backward)."""
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+        self.fused_kernels = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the given hidden rows."""

@@ -6,7 +6,9 @@ Per block of ``B`` positions starting at ``L = num_computed``:
   from the previous pass's last logits), else [MASK x B]; B shrinks only at the context limit;
 - each denoise pass (at most ``refine_steps``) reveals masked positions by the policy;
   revealed tokens stay revealed; on the last allowed pass every remaining mask is revealed;
-- a stop token revealed at i freezes the positions after it (they never need revealing);
+- a stop token revealed at i freezes the positions after it (they never need revealing), and
+  so does the length budget: positions at or past the number of tokens the request may still
+  emit (max_tokens, context) are never revealed, they stay masks;
 - the finished block is emitted (cut at the first stop token and at max_tokens); if the
   request goes on, a causal commit pass writes the block's K/V, and its last logits give
   the next seed. Denoise passes never write the cache.
@@ -80,9 +82,12 @@ class BlockDiffusionMode:
         return None
 
     def _candidates(self, req: Request, st: DiffusionState) -> list[int]:
-        """Masked positions that still need revealing (none past a revealed stop token)."""
+        """Masked positions that still need revealing: none past a revealed stop token, none
+        past the tokens the request may still emit."""
         stop = self._stop_index(req, st)
-        end = len(st.canvas) if stop is None else stop  # type: ignore[arg-type]
+        end = min(len(st.canvas), req.remaining_tokens)  # type: ignore[arg-type]
+        if stop is not None:
+            end = min(end, stop)
         return [i for i in range(end) if not st.revealed[i]]
 
     def _start_block(self, req: Request, st: DiffusionState) -> None:
@@ -101,7 +106,8 @@ class BlockDiffusionMode:
         if self._candidates(req, st):
             return
         stop = self._stop_index(req, st)
-        block = st.canvas[: (stop + 1 if stop is not None else None)]  # type: ignore[index]
+        end = min(len(st.canvas), req.remaining_tokens)  # type: ignore[arg-type]
+        block = st.canvas[: (stop + 1 if stop is not None and stop < end else end)]  # type: ignore[index]
         req.stats.denoise_steps_per_block.append(st.steps)
         st.canvas, st.revealed, st.steps, st.has_blocks = None, [], 0, True
         req.emit(block)

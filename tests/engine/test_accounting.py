@@ -1,0 +1,103 @@
+"""Per-request accounting: forward passes by kind, denoise steps per block, acceptance lengths
+and tokens per forward (TPF = emitted tokens / all forward passes of the request)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from server.engine.outputs import FORWARD_KINDS
+from tests.engine.helpers import Driver, make_engine, model_for, to_params
+
+MODEL_SEED = 1
+EOS = 26  # shows up in some outputs of this model, so some requests end on a stop
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(3, 300) for _ in range(rng.randint(2, 30))] for _ in range(n)]
+
+
+SPECS = [
+    dict(mode="ar", max_tokens=17),
+    dict(mode="ar", max_tokens=40, ignore_eos=True),
+    dict(mode="diffusion", block_length=4, refine_steps=4, policy="threshold", max_tokens=19),
+    dict(mode="diffusion", block_length=8, refine_steps=3, policy="low_confidence", max_tokens=40),
+    dict(mode="diffusion", block_length=8, refine_steps=8, policy="leftmost", max_tokens=24, seed_first_position=False),
+    dict(mode="diffusion", block_length=1, refine_steps=1, max_tokens=5),  # seeded 1-blocks need no denoise
+    dict(mode="self_spec", block_length=4, max_tokens=23),
+    dict(mode="self_spec", block_length=8, max_tokens=40, ignore_eos=True),
+    dict(mode="self_spec", draft_length=1, max_tokens=9),
+]
+
+
+def check_accounting(stats, spec: dict, tokens: list[int], reason: str, prompt_len: int, budget: int) -> None:
+    fp = stats.forward_passes
+    n = len(tokens)
+    assert set(fp) == set(FORWARD_KINDS)
+    assert stats.completion_tokens == n and stats.prompt_tokens == prompt_len
+    assert stats.total_forward_passes == sum(fp.values())
+    assert math.isclose(stats.tokens_per_forward, n / stats.total_forward_passes)
+    assert fp["prefill"] == math.ceil((prompt_len - stats.cached_prompt_tokens) / budget)
+    mode = spec["mode"]
+    other = {k for k in FORWARD_KINDS if fp[k]} - {"prefill"}
+    stopped = reason == "stop"
+    if mode == "ar":
+        assert other <= {"decode"}
+        assert 1 + fp["decode"] == n + stopped  # every pass after prefill samples one token
+    elif mode == "diffusion":
+        assert other <= {"denoise", "commit"}
+        steps = stats.denoise_steps_per_block
+        blocks = len(steps)
+        assert sum(steps) == fp["denoise"]
+        assert fp["commit"] == blocks - 1  # no commit after the block that ends the request
+        b = spec["block_length"]
+        assert all(s <= spec["refine_steps"] for s in steps)
+        assert all(s >= 1 for s in steps) or b == 1 or stopped
+        assert blocks == (math.ceil(n / b) if not stopped else n // b + 1)
+    else:
+        assert other <= {"draft", "verify"}
+        acc = stats.acceptance_lengths
+        assert fp["draft"] == fp["verify"] == len(acc)
+        d = spec.get("draft_length", spec.get("block_length", 8) - 1)
+        assert all(1 <= a <= d + 1 for a in acc)
+        # one token from the prefill, acceptance length per cycle, cut at a stop / max_tokens
+        assert n <= 1 + sum(acc) and (stopped or n == spec["max_tokens"])
+        if acc:
+            assert n > sum(acc[:-1])
+    assert stats.preemptions == 0
+
+
+@pytest.mark.parametrize("budget", [4096, 7])
+def test_forward_pass_accounting(budget: int) -> None:
+    model = model_for(MODEL_SEED, eos=EOS)
+    specs = SPECS if budget >= 8 else [s for s in SPECS if s.get("block_length", 1) <= 4 and s.get("draft_length", 1) <= 6]
+    eng = make_engine(model, max_num_batched_tokens=budget, enable_prefix_caching=False)
+    d = Driver(eng)
+    cases = []
+    for i, (spec, prompt) in enumerate(zip(specs * 2, _prompts(2 * len(specs)))):
+        d.add(f"r{i}", prompt, to_params(spec))
+        cases.append((f"r{i}", spec, prompt))
+    d.run()
+    reasons = set()
+    for rid, spec, prompt in cases:
+        got = d.done[rid]
+        reasons.add(got.finish_reason)
+        check_accounting(got.stats, spec, got.token_ids, got.finish_reason, len(prompt), budget)
+        assert got.stats.first_token_time is not None or not got.token_ids
+        assert got.stats.finished_time is not None
+    assert reasons == {"stop", "length"}
+
+
+def test_cached_prompt_tokens_are_not_recomputed() -> None:
+    model = model_for(MODEL_SEED, eos=EOS)
+    eng = make_engine(model, page_size=4, max_num_batched_tokens=8)
+    prompt = _prompts(1)[0] + list(range(40, 60))
+    first = eng.generate([prompt], to_params(dict(mode="ar", max_tokens=3)))[0]["stats"]
+    assert first.cached_prompt_tokens == 0
+    again = eng.generate([prompt], to_params(dict(mode="ar", max_tokens=3)))[0]["stats"]
+    cached = again.cached_prompt_tokens
+    assert cached == (len(prompt) - 1) // 4 * 4
+    assert again.forward_passes["prefill"] == math.ceil((len(prompt) - cached) / 8)
