@@ -335,7 +335,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         step += 1
         tokens += x.numel()
-        loss_v = float(res.loss)
+        loss_v = float(res.loss.detach())
         if not math.isfinite(loss_v):
             raise RuntimeError(f"non-finite loss at step {step}")
         if len(first_losses) < 5:
@@ -343,7 +343,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         train_seconds += dt
         for k in ("loss", "ar_loss", "diffusion_loss", "masked_ce"):
-            acc[k] += float(getattr(res, k))
+            acc[k] += float(getattr(res, k).detach())
         acc["n"] += 1
         acc["tok"] += x.numel()
         acc["sec"] += dt
@@ -372,7 +372,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             train_seconds += time.perf_counter() - t1
             last_ckpt = train_seconds
 
+        if args.stop_at_step and step >= args.stop_at_step:
+            break
+
     save_state()
+    if args.stop_at_step and step >= args.stop_at_step and not done():
+        log_f.close()
+        print(f"stopped at step {step} (--stop-at-step); continue with --resume", flush=True)
+        return {"steps": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": True}
     all_heldout = eval_windows(data.heldout, args.seq_len, 10**9)
     metrics = evaluate(model, all_heldout if args.full_final_eval else eval_x, device, args.eval_batch_size, args.block_size)
     log({"kind": "eval", "step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2), "final": True, **metrics})
@@ -412,6 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--minutes", type=float, default=60.0, help="training wall-time budget (ignored with --max-steps)")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from DIR/ckpt/last.pt")
+    ap.add_argument("--stop-at-step", type=int, default=0, help="save a checkpoint and exit at this step (as if interrupted)")
     ap.add_argument("--corpus", default=None, help="corpus folder with train.jsonl/heldout.jsonl (default: build it)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)

@@ -14,13 +14,16 @@ from typing import Any
 import prometheus_client
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, install_error_handlers
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -47,8 +50,32 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
-    stream = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}}}
+_STREAM_MODELS = (ChatCompletionChunk, CompletionChunk, ErrorResponse)
+
+
+def _sse_event_schema(chunk_model: type) -> dict[str, Any]:
+    """One server-sent event: ``data`` is a JSON chunk, an error object, or ``[DONE]``."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk_model, ErrorResponse)]}
+    return {
+        "type": "object",
+        "description": "one server-sent event (stream: true)",
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"type": "string", "const": "[DONE]"},
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+                ]
+            },
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
+
+
+def _generation_responses(model: type, chunk_model: type) -> dict[int | str, dict[str, Any]]:
+    stream = {"text/event-stream": {"schema": _sse_event_schema(chunk_model)}}
     return {200: {"model": model, "content": stream, "description": "JSON, or SSE when stream is true"}, **_ERRORS}
 
 
@@ -73,13 +100,18 @@ def _bound_token_ids(node: Any, vocab_size: int) -> None:
 
 
 def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...], vocab_size: int) -> None:
-    """The generated OpenAPI schema, with ``model`` restricted to the served names and
-    prompt token ids to the vocabulary."""
+    """The generated OpenAPI schema, with ``model`` restricted to the served names, prompt
+    token ids to the vocabulary, and the stream chunk models added for the SSE schemas."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = schema.get("components", {}).get("schemas", {})
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            _, stream_defs = models_json_schema(
+                [(m, "serialization") for m in _STREAM_MODELS], ref_template="#/components/schemas/{model}"
+            )
+            for name, definition in stream_defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
             for name in ("ChatCompletionRequest", "CompletionRequest"):
                 model_field = components.get(name, {}).get("properties", {}).get("model")
                 if model_field is not None:
@@ -146,7 +178,7 @@ def create_app(
         return ModelCard(id=name, created=created, owned_by=OWNED_BY, root=engine.model_name, max_model_len=engine.max_model_len)
 
     @app.post(
-        "/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse),
+        "/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk),
         tags=["openai"],
     )
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
@@ -154,7 +186,7 @@ def create_app(
         return await serve_generation_safely(request, body)
 
     @app.post(
-        "/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse), tags=["openai"]
+        "/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse, CompletionChunk), tags=["openai"]
     )
     async def completions(request: Request, body: CompletionRequest) -> Response:
         """Legacy text completion (set ``stream`` for SSE)."""

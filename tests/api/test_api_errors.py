@@ -232,3 +232,21 @@ def test_ready_follows_the_engine(server: LiveServer) -> None:
     assert http().get(server.url + "/ready").status_code == 503
     server.engine.knobs.ready = True
     assert http().get(server.url + "/ready").json() == {"status": "ready"}
+
+
+def test_content_parts_and_roles(server: LiveServer) -> None:
+    messages = [
+        {"role": "developer", "content": "Be terse."},
+        {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again", "name": "bob"},
+    ]
+    assert post(server, "/v1/chat/completions", {**CHAT, "messages": messages}).status_code == 200
+    prompt = server.engine.tokenizer.decode(server.engine.submitted[-1][1])
+    assert "<|im_start|>system\nBe terse." in prompt and "part one\npart two" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_non_json_content_type_is_400(server: LiveServer) -> None:
+    r = http().post(server.url + "/v1/chat/completions", content=b'{"model": "fake-nld"}', headers={"content-type": "text/plain"})
+    error_of(r, 400)

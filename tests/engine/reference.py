@@ -13,7 +13,11 @@ Semantics (the engine's documented contract, docs/nemotron-labs-diffusion.md §2
 - argmax never picks the mask id; the confidence of a proposal is softmax(raw logits)[token]
   with the mask id INCLUDED in the denominator;
 - a stop token ends the request and is not emitted; output stops at ``max_tokens`` and at the
-  context limit (``max_model_len`` total tokens).
+  context limit (``max_model_len`` total tokens);
+- diffusion: a revealed stop token freezes the positions after it, and the length budget
+  freezes the positions at or past the number of tokens the request may still emit: frozen
+  positions stay masks, are never candidates and never emitted. A block is only shortened by
+  the context limit.
 
 Every decision records its margin (gap to the nearest different outcome), so a test can tell a
 real mismatch from a floating-point near-tie between the dense and the paged computation.
@@ -203,9 +207,13 @@ def diffusion_greedy(
         def first_stop() -> int | None:
             return next((i for i in range(n) if revealed[i] and canvas[i] in stops), None)
 
+        budget = min(n, out.remaining)  # positions the request may still emit
+
         def candidates() -> list[int]:
+            """Masks to reveal: none past a revealed stop token, none past the length budget."""
             s = first_stop()
-            return [i for i in range(n if s is None else s) if not revealed[i]]
+            end = budget if s is None else min(budget, s)
+            return [i for i in range(end) if not revealed[i]]
 
         passes = 0
         while candidates():
@@ -221,7 +229,7 @@ def diffusion_greedy(
                 canvas[i], revealed[i] = proposals[i][0], True
         steps_per_block.append(passes)
         s = first_stop()
-        out.emit(canvas if s is None else canvas[: s + 1])
+        out.emit(canvas[:budget] if s is None else canvas[: s + 1])
     return Result(out.tokens, out.finish_reason, trace.min_margin, denoise_steps_per_block=steps_per_block)
 
 

@@ -12,7 +12,7 @@ from server.engine.outputs import FORWARD_KINDS
 from tests.engine.helpers import Driver, make_engine, model_for, to_params
 
 MODEL_SEED = 1
-EOS = 26  # shows up in some outputs of this model, so some requests end on a stop
+EOS = 36  # shows up in some outputs of this model, so some requests end on a stop
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -33,14 +33,18 @@ SPECS = [
 ]
 
 
-def check_accounting(stats, spec: dict, tokens: list[int], reason: str, prompt_len: int, budget: int) -> None:
+def check_accounting(
+    stats, spec: dict, tokens: list[int], reason: str, prompt_len: int, budget: int, alone: bool
+) -> None:
     fp = stats.forward_passes
     n = len(tokens)
     assert set(fp) == set(FORWARD_KINDS)
     assert stats.completion_tokens == n and stats.prompt_tokens == prompt_len
     assert stats.total_forward_passes == sum(fp.values())
     assert math.isclose(stats.tokens_per_forward, n / stats.total_forward_passes)
-    assert fp["prefill"] == math.ceil((prompt_len - stats.cached_prompt_tokens) / budget)
+    chunks = math.ceil((prompt_len - stats.cached_prompt_tokens) / budget)
+    # alone, a prompt takes ceil(uncached / budget) chunks; sharing the budget can only add some
+    assert fp["prefill"] == chunks if alone else fp["prefill"] >= chunks
     mode = spec["mode"]
     other = {k for k in FORWARD_KINDS if fp[k]} - {"prefill"}
     stopped = reason == "stop"
@@ -85,10 +89,20 @@ def test_forward_pass_accounting(budget: int) -> None:
     for rid, spec, prompt in cases:
         got = d.done[rid]
         reasons.add(got.finish_reason)
-        check_accounting(got.stats, spec, got.token_ids, got.finish_reason, len(prompt), budget)
+        check_accounting(got.stats, spec, got.token_ids, got.finish_reason, len(prompt), budget, alone=budget > 1000)
         assert got.stats.first_token_time is not None or not got.token_ids
         assert got.stats.finished_time is not None
     assert reasons == {"stop", "length"}
+
+
+@pytest.mark.parametrize("spec", SPECS[::2], ids=lambda s: s["mode"])
+def test_accounting_alone_with_chunked_prefill(spec: dict) -> None:
+    model = model_for(MODEL_SEED, eos=EOS)
+    prompt = _prompts(1)[0] + list(range(100, 120))
+    budget = 8
+    out = make_engine(model, max_num_batched_tokens=budget).generate([prompt], to_params(spec))[0]
+    check_accounting(out["stats"], spec, out["token_ids"], out["finish_reason"], len(prompt), budget, alone=True)
+    assert out["stats"].forward_passes["prefill"] == math.ceil(len(prompt) / budget) > 1
 
 
 def test_cached_prompt_tokens_are_not_recomputed() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
-from tests.engine.helpers import make_engine, model_for, run_all, to_params
+from tests.engine.helpers import make_engine, model_for, reference_for, run_all, to_params
 from tests.engine.reference import block_logits, causal_logits
 
 MODEL_SEED = 4
@@ -147,20 +147,30 @@ def test_eos_is_a_stop_unless_ignored() -> None:
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_max_tokens_and_context_limit(mode: dict) -> None:
-    """Exactly max_tokens tokens (finish 'length'), and they are a prefix of a longer run: a
-    diffusion block is denoised whole and cut, never shortened by max_tokens."""
+    """Exactly max_tokens tokens (finish 'length'). AR and self_spec outputs are prefixes of a
+    longer run; diffusion never reveals past the length budget (the schedule of the last block
+    changes), so it is checked against the reference decoder instead."""
     model = model_for(MODEL_SEED)
     prompt = _prompts(8, 1)[0]
     longest = _greedy(model, prompt, dict(mode, max_tokens=29, ignore_eos=True))
     assert len(longest["token_ids"]) == 29 and longest["finish_reason"] == "length"
     for n in (1, 2, 3, 7, 13):
-        out = _greedy(model, prompt, dict(mode, max_tokens=n, ignore_eos=True))
-        assert out["token_ids"] == longest["token_ids"][:n] and out["finish_reason"] == "length"
+        spec = dict(mode, max_tokens=n, ignore_eos=True)
+        out = _greedy(model, prompt, spec)
+        assert len(out["token_ids"]) == n and out["finish_reason"] == "length"
+        if mode["mode"] == "diffusion":
+            assert out["token_ids"] == reference_for(model, prompt, spec, 256).tokens
+        else:
+            assert out["token_ids"] == longest["token_ids"][:n]
     # the context limit: prompt + output == max_model_len
-    eng = make_engine(model, max_model_len=len(prompt) + 11)
-    out = eng.generate([prompt], to_params(dict(mode, max_tokens=100, ignore_eos=True)))[0]
+    max_len = len(prompt) + 11
+    eng = make_engine(model, max_model_len=max_len)
+    spec = dict(mode, max_tokens=100, ignore_eos=True)
+    out = eng.generate([prompt], to_params(spec))[0]
     assert len(out["token_ids"]) == 11 and out["finish_reason"] == "length"
-    if mode["mode"] != "diffusion":  # a diffusion block cut by the context is denoised differently
+    if mode["mode"] == "diffusion":
+        assert out["token_ids"] == reference_for(model, prompt, spec, max_len).tokens
+    else:
         assert out["token_ids"] == longest["token_ids"][:11]
 
 
