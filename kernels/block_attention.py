@@ -34,13 +34,21 @@ segment are left unwritten.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_attention", "choose_num_splits", "choose_block_sizes"]
+from kernels.tuner import LaunchTuner, capturing
+
+__all__ = [
+    "block_attention", "choose_num_splits", "choose_block_sizes", "plan_launch", "LaunchPlan",
+    "TileConfig", "default_tile_config", "tile_candidates", "stage_variants", "query_len_bucket",
+    "ATTENTION_TUNER", "autotune_enabled",
+]
 
 _LOG2E = 1.4426950408889634
 
@@ -275,6 +283,81 @@ def _merge_splits_kernel(
 _MAX_SPLITS = 16
 _MIN_KEYS_PER_SPLIT = 256
 
+# Autotuning grid (CUDA only). num_stages is tried on the winner of BLOCK_N x num_warps only.
+TUNE_BLOCK_N = (32, 64, 128)
+TUNE_NUM_WARPS = (2, 4, 8)
+TUNE_NUM_STAGES = (1, 2, 3)
+# A config whose K and V tiles (2 x BLOCK_N x BLOCK_D) exceed this many elements per thread
+# spills registers (and takes ~10x longer to compile): pruned.
+_MAX_KV_ELEMENTS_PER_THREAD = 128
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """The launch parameters the tuner chooses between."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"BLOCK_N={self.block_n}/warps={self.num_warps}/stages={self.num_stages}"
+
+
+def default_tile_config(head_dim: int) -> TileConfig:
+    """The fixed choice (interpreter, untuned launches, reference config of the tuner): 64 keys
+    per tile (32 for head dims above 128: register pressure), 4 warps, 3 stages (Triton's
+    default on CUDA)."""
+    return TileConfig(64 if head_dim <= 128 else 32, 4, 3)
+
+
+def query_len_bucket(max_query_len: int) -> str:
+    """Tuning bucket of a launch's longest query segment: decode, short, block-sized, long."""
+    if max_query_len <= 1:
+        return "1"
+    if max_query_len <= 8:
+        return "<=8"
+    if max_query_len <= 32:
+        return "<=32"
+    return ">32"
+
+
+def tile_candidates(head_dim: int) -> list[TileConfig]:
+    """First tuning round: the default config, then every ``BLOCK_N x num_warps`` of the grid
+    valid for ``head_dim`` (at the default ``num_stages``). Pruned: 128-key tiles above head
+    dim 128, and tiles whose K/V need more than ``_MAX_KV_ELEMENTS_PER_THREAD`` registers per
+    thread (for D=128: 64 keys need >= 4 warps, 128 keys 8)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    default = default_tile_config(head_dim)
+    out = [default]
+    for block_n in TUNE_BLOCK_N:
+        for warps in TUNE_NUM_WARPS:
+            if block_n > 64 and block_d > 128:
+                continue
+            if 2 * block_n * block_d > _MAX_KV_ELEMENTS_PER_THREAD * 32 * warps:
+                continue
+            cfg = TileConfig(block_n, warps, default.num_stages)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def stage_variants(cfg: TileConfig) -> list[TileConfig]:
+    """Second tuning round: the winner at the other ``num_stages`` values."""
+    return [TileConfig(cfg.block_n, cfg.num_warps, s) for s in TUNE_NUM_STAGES if s != cfg.num_stages]
+
+
+ATTENTION_TUNER = LaunchTuner("paged_attention")
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """Tuning applies to compiled CUDA launches only (never under the interpreter, where it
+    would take minutes); ``NLD_ATTN_AUTOTUNE=0`` switches it off (fixed default config)."""
+    return (device.type == "cuda" and not _interpreting()
+            and os.environ.get("NLD_ATTN_AUTOTUNE", "1") != "0")
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -288,7 +371,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_block_sizes(max_query_len: int, group: int, head_dim: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_Q, BLOCK_N)`` for a launch.
+    """``(BLOCK_M, BLOCK_Q, BLOCK_N)`` for a launch; ``BLOCK_N`` is the untuned default.
 
     ``BLOCK_M`` (rows = tokens x packed heads) grows with the query length from 16 to 64 and is
     at least the GQA group; ``BLOCK_Q = BLOCK_M // group``; ``BLOCK_N`` is 64 keys, 32 for head
@@ -298,8 +381,7 @@ def choose_block_sizes(max_query_len: int, group: int, head_dim: int) -> tuple[i
     """
     rows = max(1, max_query_len) * group
     block_m = max(16, triton.next_power_of_2(group), min(64, triton.next_power_of_2(rows)))
-    block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_m // group, block_n
+    return block_m, block_m // group, default_tile_config(head_dim).block_n
 
 
 def choose_num_splits(num_seqs: int, q_blocks: int, num_kv_heads: int, max_prefix_len: int,
@@ -319,6 +401,81 @@ def choose_num_splits(num_seqs: int, q_blocks: int, num_kv_heads: int, max_prefi
     return max(1, splits)
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch decides from host-side ints (no device sync)."""
+
+    kernel: str  # "main" or "split"
+    num_splits: int
+    block_m: int
+    block_q: int
+    block_d: int
+    q_blocks: int
+    config: TileConfig  # tuned (if cached), explicit override, or the default
+    tune_key: tuple | None  # None: this launch is not tuned
+    tuned: bool  # config came from the tuner's cache
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "num_splits": self.num_splits, "block_m": self.block_m,
+                "block_n": self.config.block_n, "num_warps": self.config.num_warps,
+                "num_stages": self.config.num_stages, "tuned": self.tuned,
+                "tune_key": list(self.tune_key) if self.tune_key else None}
+
+
+def plan_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    *,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    autotune: bool | None = None,
+) -> LaunchPlan:
+    """The launch ``block_attention`` makes for these arguments (see its docstring); ``config``
+    is the tuner's cached pick when there is one, else the default (tuned on the first call)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_seqs = block_tables.shape[0]
+    auto_m, _, _ = choose_block_sizes(max_query_len, group, head_dim)
+    block_m = block_m or auto_m
+    default = default_tile_config(head_dim)
+    override = block_n is not None or num_warps is not None or num_stages is not None
+    config = TileConfig(block_n or default.block_n, num_warps or default.num_warps,
+                        num_stages or default.num_stages)
+    if block_m < group or block_m < 16 or config.block_n < 16:
+        raise ValueError(f"block sizes too small: block_m={block_m}, block_n={config.block_n}, "
+                         f"group={group}")
+    block_q = block_m // group
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    q_blocks = triton.cdiv(max(1, max_query_len), block_q)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, q_blocks, num_kv_heads,
+                                       block_tables.shape[1] * k_cache.shape[1], q.device)
+    num_splits = max(1, int(num_splits))
+    kernel = "main" if num_splits == 1 else "split"
+
+    if autotune is None:
+        autotune = autotune_enabled(q.device) and not override
+    elif autotune and override:
+        raise ValueError("autotune=True conflicts with explicit block_n/num_warps/num_stages")
+    tune_key = None
+    tuned = False
+    if autotune:
+        tune_key = (kernel, query_len_bucket(max_query_len), head_dim, group,
+                    str(q.dtype).replace("torch.", ""))
+        cached = ATTENTION_TUNER.lookup(tune_key)
+        if cached is not None:
+            config, tuned = cached, True
+    return LaunchPlan(kernel, num_splits, block_m, block_q, block_d, q_blocks, config, tune_key,
+                      tuned)
+
+
 def block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -336,12 +493,26 @@ def block_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    autotune: bool | None = None,
 ) -> torch.Tensor:
     """Launch the paged attention kernels (inputs assumed validated by ``kernels.ops``).
 
     ``num_splits``: None picks automatically (``choose_num_splits``), 1 disables split-KV, more
     forces that many prefix chunks. ``block_m``/``block_n`` override the tile sizes (powers of
-    two, at least 16; ``block_m`` at least the GQA group); ``num_warps`` the warps per program.
+    two, at least 16; ``block_m`` at least the GQA group); ``num_warps``/``num_stages`` the
+    warps per program and pipeline stages.
+
+    Autotuning (``autotune=None``: on for CUDA tensors, off under the interpreter, off when any
+    of ``block_n``/``num_warps``/``num_stages`` is given or ``NLD_ATTN_AUTOTUNE=0``): the
+    ``(BLOCK_N, num_warps, num_stages)`` of the main kernel, or of the split kernel (timed with
+    its merge), is picked by ``ATTENTION_TUNER`` per key ``(kernel, query_len_bucket,
+    head_dim, group, dtype)``. The first call per key compiles and times the candidates
+    (``tile_candidates`` then ``stage_variants`` of the winner; seconds, with device syncs);
+    every later call is a dict lookup, sync-free. So tuning must happen on an eager call: the
+    CUDA-graph runner's warm-up pass, which precedes each capture with the same shapes, does
+    it. A call made while a graph is being captured with an untuned key launches the default
+    config (never tunes inside a capture) and leaves the key untuned.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -352,57 +523,68 @@ def block_attention(
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
 
-    auto_m, _, auto_n = choose_block_sizes(max_query_len, group, head_dim)
-    block_m = block_m or auto_m
-    block_n = block_n or auto_n
-    if block_m < group or block_m < 16 or block_n < 16:
-        raise ValueError(f"block sizes too small: block_m={block_m}, block_n={block_n}, "
-                         f"group={group}")
-    block_q = block_m // group
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    q_blocks = triton.cdiv(max_query_len, block_q)
-
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, q_blocks, num_kv_heads,
-                                       block_tables.shape[1] * page_size, q.device)
-    num_splits = max(1, int(num_splits))
+    plan = plan_launch(q, k, k_cache, block_tables, max_query_len, num_splits=num_splits,
+                       block_m=block_m, block_n=block_n, num_warps=num_warps,
+                       num_stages=num_stages, autotune=autotune)
+    num_splits = plan.num_splits
+    interpreting = _interpreting()
 
     # bf16 arithmetic is wrong in the interpreter: there, compute on fp32 copies of the tiles.
-    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    upcast = q.dtype == torch.bfloat16 and interpreting
     # fp32 dots must not silently use tf32; half inputs keep the default.
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     causal_u8 = causal.view(torch.uint8)
     qk_scale = float(scale) * _LOG2E
-    common = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
-                  BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=dot_precision,
-                  num_warps=num_warps or 4)
+    shapes = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
+                  BLOCK_D=plan.block_d, UPCAST=upcast, DOT_PRECISION=dot_precision)
     metadata = (block_tables, context_lens, query_start_loc, causal_u8, qk_scale, page_size)
     fresh_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                      block_tables.stride(0))
 
-    if num_splits == 1:
-        grid = (num_seqs, q_blocks, num_kv_heads)
-        _paged_attention_kernel[grid](
-            out, q, k, v, k_cache, v_cache, *metadata,
-            out.stride(0), out.stride(1), *fresh_strides, *cache_strides, **common)
-        return out
+    def meta(cfg: TileConfig) -> dict:
+        m = dict(shapes, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+        if not interpreting:  # the interpreter launch stays exactly as it always was
+            m["num_stages"] = cfg.num_stages
+        return m
 
-    part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim),
-                           dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32,
-                           device=q.device)
-    grid = (num_seqs, q_blocks, num_kv_heads * num_splits)
-    _paged_attention_split_kernel[grid](
-        part_out, part_lse, q, k, v, k_cache, v_cache, *metadata, num_splits,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        *fresh_strides, *cache_strides, **common)
-    _merge_splits_kernel[(num_tokens, num_q_heads)](
-        out, part_out, part_lse, num_splits,
-        out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        num_warps=1)
+    if num_splits == 1:
+        grid = (num_seqs, plan.q_blocks, num_kv_heads)
+
+        def launch(cfg: TileConfig):  # type: ignore[no-untyped-def]
+            return _paged_attention_kernel[grid](
+                out, q, k, v, k_cache, v_cache, *metadata,
+                out.stride(0), out.stride(1), *fresh_strides, *cache_strides, **meta(cfg))
+    else:
+        part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim),
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32,
+                               device=q.device)
+        grid = (num_seqs, plan.q_blocks, num_kv_heads * num_splits)
+        merge_grid = (num_tokens, num_q_heads)
+
+        def launch(cfg: TileConfig):  # type: ignore[no-untyped-def]
+            compiled = _paged_attention_split_kernel[grid](
+                part_out, part_lse, q, k, v, k_cache, v_cache, *metadata, num_splits,
+                part_out.stride(0), part_out.stride(1), part_out.stride(2),
+                part_lse.stride(0), part_lse.stride(1),
+                *fresh_strides, *cache_strides, **meta(cfg))
+            _merge_splits_kernel[merge_grid](
+                out, part_out, part_lse, num_splits,
+                out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1),
+                part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+                HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+                BLOCK_D=plan.block_d, num_warps=1)
+            return compiled
+
+    config = plan.config
+    if plan.tune_key is not None and not plan.tuned:
+        if capturing():
+            logger.warning("paged attention: key %s not tuned before CUDA-graph capture; "
+                           "launching the default %s", plan.tune_key, config)
+        else:
+            config = ATTENTION_TUNER.tune(plan.tune_key, tile_candidates(head_dim),
+                                          stage_variants, launch, lambda: out, q.device)
+    launch(config)
     return out

@@ -99,7 +99,7 @@ def _bound_token_ids(node: Any, vocab_size: int) -> None:
             _bound_token_ids(value, vocab_size)
 
 
-def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...], vocab_size: int) -> None:
+def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...], engine: EngineClient) -> None:
     """The generated OpenAPI schema, with ``model`` restricted to the served names, prompt
     token ids to the vocabulary, and the stream chunk models added for the SSE schemas."""
 
@@ -117,8 +117,8 @@ def _install_openapi(app: FastAPI, served_model_names: tuple[str, ...], vocab_si
                 if model_field is not None:
                     model_field["enum"] = list(served_model_names)
             prompt_field = components.get("CompletionRequest", {}).get("properties", {}).get("prompt")
-            if prompt_field is not None:
-                _bound_token_ids(prompt_field, vocab_size)
+            if prompt_field is not None and engine.tokenizer is not None:
+                _bound_token_ids(prompt_field, len(engine.tokenizer))
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -232,7 +232,7 @@ def create_app(
     async def get_version() -> VersionInfo:
         return VersionInfo(version=version)
 
-    _install_openapi(app, settings.served_model_names, len(engine.tokenizer))
+    _install_openapi(app, settings.served_model_names, engine)
     return app
 
 

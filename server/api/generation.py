@@ -82,7 +82,11 @@ class ChoiceRun:
     async def run(self) -> None:
         """Submit, consume until finished (or stopped), then release the engine request."""
         try:
-            stream = self.engine.generate(self.spec.prompt.token_ids, self.spec.params, self.spec.request_id)
+            try:
+                stream = self.engine.generate(self.spec.prompt.token_ids, self.spec.params, self.spec.request_id)
+            except BaseException:
+                self._engine_done = True  # never admitted: nothing to abort
+                raise
             self._iterator = stream.__aiter__()
             while not self._engine_done:
                 try:

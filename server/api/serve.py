@@ -27,6 +27,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine, drain_timeout: float) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config)
         self.engine = engine
+        self.app_state = config.app.state
         self.drain_timeout = drain_timeout
         self._draining = False
 
@@ -37,6 +38,7 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         self.engine.draining = True
+        self.app_state.begin_drain()
         logger.info("signal %s: draining (up to %.0f s)", sig, self.drain_timeout)
 
         def wait_then_exit() -> None:
@@ -56,10 +58,14 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
     from server.metrics import Metrics
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.model.loader import load_tokenizer
+
     metrics = Metrics(model_name=served_model_names[0])
-    engine = AsyncEngine(lambda: LLMEngine.from_pretrained(config, metrics=metrics), served_model_names[0])
-    engine.start()
-    engine.wait_loaded()
+    # the tokenizer loads first (fast) so the app can be built and answer /ready with 503
+    # while the weights load in the engine thread
+    engine = AsyncEngine(
+        lambda: LLMEngine.from_pretrained(config, metrics=metrics), served_model_names[0], tokenizer=load_tokenizer(config.model)
+    )
     app = create_app(
         engine,
         served_model_names=served_model_names,
@@ -70,6 +76,7 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
         metrics_registry=metrics.registry,
         version=__version__,
     )
+    engine.start()
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, engine, args.drain_timeout)
     server.run()

@@ -185,6 +185,8 @@ async def serve_generation(http_request: Request, request: GenerationRequest) ->
     engine: EngineClient = state.engine
     if state.draining:
         raise service_unavailable("The server is shutting down and accepts no new requests.", code="draining")
+    if not engine.is_ready():
+        raise service_unavailable("The model is still loading; retry shortly.", code="loading")
     plan = _plan(request, engine, settings)
     logger.info(
         "request %s -> %s mode=%s choices=%d stream=%s",

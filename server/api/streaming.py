@@ -70,7 +70,10 @@ class EventStreamResponse(StreamingResponse):
             async with anyio.create_task_group() as group:
 
                 async def stream_then_stop() -> None:
-                    await self.stream_response(send)
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-send
+                        pass
                     group.cancel_scope.cancel()
 
                 group.start_soon(stream_then_stop)

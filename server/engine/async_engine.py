@@ -26,11 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, loader: Callable[[], LLMEngine], model_name: str) -> None:
+    def __init__(self, loader: Callable[[], LLMEngine], model_name: str, tokenizer: Any = None) -> None:
         """``loader`` builds the LLMEngine inside the engine thread (so /ready can answer
-        503 while the weights load)."""
+        503 while the weights load); ``tokenizer``, if given, is usable before that."""
         self._loader = loader
         self.model_name = model_name
+        self._tokenizer = tokenizer
         self.engine: LLMEngine | None = None
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._wake = threading.Event()
@@ -93,6 +94,8 @@ class AsyncEngine:
 
     @property
     def tokenizer(self) -> Any:
+        if self.engine is None and self._tokenizer is not None:
+            return self._tokenizer
         return self._require().tokenizer
 
     @property

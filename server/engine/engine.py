@@ -5,9 +5,11 @@ can drive it step by step on the CPU."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def end_of_turn_ids(tokenizer: Any, model_dir: str) -> frozenset[int]:
+    """Token ids that end a generation besides config.json's eos: the tokenizer's EOS and
+    generation_config.json's eos_token_id (chat models often end turns with another token)."""
+    ids: set[int] = set()
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return frozenset(ids)
 
 
 class NullMetrics:
@@ -85,7 +100,7 @@ class LLMEngine:
         self._prefix_seen = (0, 0)  # (queried, hit) tokens already reported to metrics
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
-        self.eos_ids = frozenset(mc.eos_token_ids)
+        self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
         self.num_steps = 0
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from server.engine.client import QueueFullError
@@ -33,6 +33,22 @@ SENTENCES = [
 def stable_hash(*parts: Any) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def byte_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """One token per UTF-8 byte of ``text`` (byte-level BPE base alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_to_char = {b: chr(c) for b, c in zip(bs, cs)}
+    ids = tokenizer.convert_tokens_to_ids([byte_to_char[b] for b in text.encode("utf-8")])
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    return ids
 
 
 @dataclass

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
 from server.engine.client import EngineDeadError
-from tests.api.conftest import http, API_KEY, LiveServer, wait_until
+from tests.api.conftest import API_KEY, LiveServer, http, wait_until
 
 CHAT = {"model": "fake-nld", "messages": [{"role": "user", "content": "hello"}]}
 COMP = {"model": "fake-nld", "prompt": "hello"}
@@ -173,15 +174,13 @@ def test_body_too_large_is_413(secured_server: LiveServer) -> None:
     err = error_of(http().post(url, json=big, headers=good), 413)  # by Content-Length
     assert err["code"] == "request_too_large"
     # no Content-Length (chunked): the body itself is measured
-    import json as _json
-
-    data = _json.dumps(big).encode()
+    data = json.dumps(big).encode()
     r = http().post(url, content=_chunked(data), headers={**good, "content-type": "application/json"})
     assert "content-length" not in r.request.headers
     error_of(r, 413)
     # just under the limit is fine
     small = {"model": "fake-nld", "prompt": [5] * 1000, "max_tokens": 4}
-    assert 3000 < len(_json.dumps(small)) < 4096
+    assert 3000 < len(json.dumps(small)) < 4096
     assert http().post(url, json=small, headers=good).status_code == 200
 
 

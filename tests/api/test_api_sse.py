@@ -6,11 +6,10 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.api.conftest import http, LiveServer, wait_until
-from tests.api.test_api_text import byte_token_ids
+from tests.api.conftest import LiveServer, http, wait_until
+from tests.api.fake_engine import byte_token_ids
 
 CHAT = {"model": "fake-nld", "messages": [{"role": "user", "content": "Tell me a story."}]}
 FOX = " The quick brown fox jumps over the lazy dog."

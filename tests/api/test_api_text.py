@@ -9,23 +9,7 @@ import pytest
 from server.api.detokenize import IncrementalDetokenizer
 from server.api.errors import param_of_value_error
 from server.api.stop import StopStringMatcher
-from tests.api.fake_engine import SENTENCES
-
-
-def byte_token_ids(tokenizer: Any, text: str) -> list[int]:
-    """One token per UTF-8 byte of ``text`` (byte-level BPE base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_to_char = {b: chr(c) for b, c in zip(bs, cs)}
-    ids = tokenizer.convert_tokens_to_ids([byte_to_char[b] for b in text.encode("utf-8")])
-    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
-    return ids
+from tests.api.fake_engine import SENTENCES, byte_token_ids
 
 
 def test_detokenizer_never_splits_a_character(tokenizer: Any) -> None:
