@@ -102,6 +102,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
         self.num_steps = 0
+        self.last_step_duration = 0.0
 
     @classmethod
     def from_pretrained(cls, config: EngineConfig, metrics: Any = None) -> "LLMEngine":
@@ -183,7 +184,13 @@ class LLMEngine:
         req = self.scheduler.abort(request_id)
         if req is None:
             return None
-        return self._finalize(req)
+        out = self._finalize(req)
+        self._report_gauges()
+        return out
+
+    def _report_gauges(self) -> None:
+        sched = self.scheduler
+        self.metrics.on_step(self.last_step_duration, len(sched.running), len(sched.waiting), self.kv.usage)
 
     @property
     def has_work(self) -> bool:
@@ -233,7 +240,8 @@ class LLMEngine:
             elif req.new_tokens:
                 outputs.append(self._take_output(req))
         self.num_steps += 1
-        self.metrics.on_step(time.time() - t0, len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+        self.last_step_duration = time.time() - t0
+        self._report_gauges()
         return outputs
 
     def _take_output(self, req: Request) -> RequestOutput:
