@@ -5,14 +5,22 @@
 
 1. Every Triton kernel against the PyTorch reference, in bf16 and fp16 (fp32/fp16 under the
    interpreter in reduced form): random inputs made fresh for each case, the allocator poisoned
-   with NaNs before each run, cache slots that must stay untouched poisoned too.
+   with NaNs before each run, cache slots that must stay untouched poisoned too. Attention here
+   runs its fixed default tile config; the fused elementwise kernels (rms_norm with and without
+   the residual add, rotary_qk on strided views of a fused QKV output, silu_mul) too.
 2. The paged attention kernel timed against SDPA (dense, contiguous K/V) and FlexAttention on
    the same masks: decode, block-bidirectional (32-token block over a prefix), causal prefill.
+   On CUDA the first call per shape autotunes the tile config (``kernels/tuner.py``); each row
+   reports the kernel (main / split-KV) and config picked, the time of the untuned default
+   config, and the tuned output is checked against the reference (a kernel-check row).
 3. An 8B-shaped Nemotron-Labs Diffusion model with random bf16 weights, one step at batch 1,
    8 and 32 for AR decode, a 32-token denoise pass and a 32-token verify pass, through the
    engine's runner (CUDA graphs), beside the card's copy bandwidth and the bandwidth floor
-   (bytes read per step / bandwidth).
-Prints a short table last; writes results.json (and the table) to --out.
+   (bytes read per step / bandwidth). The model is fused as the engine does on CUDA
+   (``fuse_projections``: fused QKV / gate-up GEMMs and the fused elementwise kernels); AR
+   decode at batch 1 is timed once unfused first, as the baseline.
+Prints a short table last (with every autotuned attention key: pick, tuning time, speedup over
+the default config); writes results.json (and the table) to --out.
 """
 
 from __future__ import annotations
@@ -124,7 +132,7 @@ def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
             case = make_case(specs, hq, hkv, d, page, dtype, device)
             args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
             poison_allocator(device)
-            out = block_attention(*args, d**-0.5, case["max_query_len"], num_splits=splits)
+            out = block_attention(*args, d**-0.5, case["max_query_len"], num_splits=splits, autotune=False)
             ref = paged_attention_reference(*[a.cpu() if a.dtype != dtype else a.float().cpu() for a in args], d**-0.5)
             err = (out.float().cpu() - ref.float()).abs().max().item()
             ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
@@ -144,11 +152,68 @@ def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
     return results
 
 
+def check_elementwise(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
+    """The fused elementwise kernels against their references (computed on the CPU in the same
+    dtype); the allocator is poisoned first so an unwritten output element shows up as NaN."""
+    from kernels.elementwise import rms_norm_triton, rotary_qk_triton, silu_mul_triton
+    from kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
+
+    dtypes = [torch.float32, torch.float16] if device.type == "cpu" else [torch.bfloat16, torch.float16]
+    tol = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+    hidden_sizes = (64, 96) if reduced else (4096, 96)
+    hq, hkv, d = (8, 2, 32) if reduced else (32, 8, 128)
+    inter = 96 if reduced else 14336
+    rows = 5
+
+    def row(kernel: str, case: str, dtype: torch.dtype, out: torch.Tensor, ref: torch.Tensor, exact: bool = False) -> dict[str, Any]:
+        err = (out.float().cpu() - ref.float()).abs().max().item() if out.numel() else 0.0
+        ok = bool(torch.isfinite(out).all()) and (err == 0.0 if exact else err <= tol[dtype])
+        return {"kernel": kernel, "case": case, "dtype": str(dtype), "max_abs_err": err, "ok": ok}
+
+    results = []
+    for dtype in dtypes:
+        for hidden in hidden_sizes:
+            x = torch.randn(rows, hidden, dtype=dtype, device=device) * 3
+            res = torch.randn(rows, hidden, dtype=dtype, device=device)
+            w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+            poison_allocator(device)
+            y, _ = rms_norm_triton(x, w, 1e-5)
+            results.append(row("rms_norm", f"hidden {hidden}", dtype, y, rms_norm_reference(x.cpu(), w.cpu(), 1e-5)[0]))
+            poison_allocator(device)
+            y, new_res = rms_norm_triton(x, w, 1e-5, res)
+            y_ref, res_ref = rms_norm_reference(x.cpu(), w.cpu(), 1e-5, res.cpu())
+            results.append(row("rms_norm+residual", f"hidden {hidden}", dtype, y, y_ref))
+            results.append(row("rms_norm+residual", f"hidden {hidden} (sum, exact)", dtype, new_res, res_ref, exact=True))
+        # rotary on strided q/k views of a fused QKV row, per-token query scale in the tables
+        qkv = torch.randn(rows, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+        q = qkv[:, : hq * d].view(rows, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
+        cos, sin = torch.randn(rows, d, device=device), torch.randn(rows, d, device=device)
+        scale = 1 + torch.rand(rows, 1, device=device)
+        tables = (cos * scale, sin * scale, cos, sin)
+        poison_allocator(device)
+        q_out, k_out = rotary_qk_triton(q, k, *tables)
+        q_ref, k_ref = rotary_qk_reference(q.cpu(), k.cpu(), *[t.cpu() for t in tables])
+        results.append(row("rotary_qk", f"q {hq}x{d} (strided)", dtype, q_out, q_ref))
+        results.append(row("rotary_qk", f"k {hkv}x{d} (strided)", dtype, k_out, k_ref))
+        gate_up = torch.randn(rows, 2 * inter, dtype=dtype, device=device) * 3
+        poison_allocator(device)
+        out = silu_mul_triton(gate_up)
+        results.append(row("silu_mul", f"intermediate {inter}", dtype, out, silu_mul_reference(gate_up.cpu())))
+    for r in results:
+        if not r["ok"]:
+            log(f"FAIL {r['kernel']} {r['case']} {r['dtype']}: max abs err {r['max_abs_err']:.2e}")
+    return results
+
+
 # ------------------------------------------------------------ attention timing
-def time_attention(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
+def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Timing rows, and kernel-check rows for the autotuned launches (CUDA)."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    from kernels.block_attention import block_attention, plan_launch
     from kernels.ops import paged_attention
+    from kernels.reference import paged_attention_reference
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     hq, hkv, d = (8, 2, 32) if reduced else (32, 8, 128)
@@ -165,11 +230,26 @@ def time_attention(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
             flex = (torch.compile(flex_attention), create_block_mask)
         except Exception as exc:  # pragma: no cover - depends on the torch build
             log(f"flex attention unavailable: {exc}")
-    rows = []
+    rows, checks = [], []
     for name, (batch, prefix, qlen, causal) in shapes.items():
         case = make_case([(prefix, qlen, causal)] * batch, hq, hkv, d, 16, dtype, device)
         args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
-        ours = timeit(lambda: paged_attention(*args, d**-0.5, case["max_query_len"]), device)
+        t_tune = time.time()
+        ours = timeit(lambda: paged_attention(*args, d**-0.5, case["max_query_len"]), device)  # 1st call tunes (CUDA)
+        t_tune = time.time() - t_tune
+        # the launch the Triton path makes (on CUDA: the tuned pick; reduced/CPU: the fixed default)
+        plan = plan_launch(case["q"], case["k"], case["k_cache"], case["block_tables"], case["max_query_len"])
+        launch = {"kernel": plan.kernel, "num_splits": plan.num_splits, "block_m": plan.block_m, "config": str(plan.config), "tuned": plan.tuned}
+        if device.type == "cuda":
+            default = timeit(lambda: block_attention(*args, d**-0.5, case["max_query_len"], autotune=False), device)
+            launch["default_ms"] = default * 1e3
+            poison_allocator(device)
+            out = paged_attention(*args, d**-0.5, case["max_query_len"])
+            expected = paged_attention_reference(*args, d**-0.5)
+            err = (out.float() - expected.float()).abs().max().item()
+            ok = bool(torch.isfinite(out).all()) and err <= 3e-2
+            checks.append({"kernel": "paged_attention (tuned)", "case": f"{name} {launch['config']}", "dtype": str(dtype), "max_abs_err": err, "ok": ok})
+            del out, expected
         # SDPA over dense, contiguous K/V (prefix + segment) per sequence: its best case
         kv_len = prefix + qlen
         qd = torch.randn(batch, hq, qlen, d, dtype=dtype, device=device)
@@ -179,7 +259,8 @@ def time_attention(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
         if causal and qlen > 1:
             mask = torch.ones(qlen, kv_len, dtype=torch.bool, device=device).tril(diagonal=prefix)
         ref = timeit(lambda: sdpa(qd, kd, vd, attn_mask=mask, enable_gqa=True), device)
-        row = {"shape": name, "batch": batch, "prefix": prefix, "query_len": qlen, "ours_ms": ours * 1e3, "sdpa_ms": ref * 1e3}
+        row = {"shape": name, "batch": batch, "prefix": prefix, "query_len": qlen, "ours_ms": ours * 1e3, "sdpa_ms": ref * 1e3,
+               "first_calls_s": t_tune, **launch}
         if flex is not None:
             try:
                 flex_fn, create_block_mask = flex
@@ -192,8 +273,34 @@ def time_attention(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
             except Exception as exc:  # pragma: no cover
                 row["flex_error"] = str(exc)[:200]
         rows.append(row)
-        log(f"attention {name}: ours {row['ours_ms']:.3f} ms, sdpa {row['sdpa_ms']:.3f} ms, flex {row.get('flex_ms', float('nan')):.3f} ms")
-    return rows
+        log(f"attention {name}: ours {row['ours_ms']:.3f} ms ({row['kernel']} {row['config']}, tuned={row['tuned']}, "
+            f"default config {row.get('default_ms', float('nan')):.3f} ms), sdpa {row['sdpa_ms']:.3f} ms, "
+            f"flex {row.get('flex_ms', float('nan')):.3f} ms")
+    if device.type == "cpu":
+        checks += tuning_smoke(device)
+    return rows, checks
+
+
+def tuning_smoke(device: torch.device) -> list[dict[str, Any]]:
+    """Reduced form only: the interpreter path never autotunes, so run the tuner once on a tiny
+    case (one timed launch per candidate) to exercise it and the tuning report end to end."""
+    import functools
+
+    from kernels.block_attention import ATTENTION_TUNER, block_attention
+    from kernels.reference import paged_attention_reference
+    from kernels.tuner import time_launch
+
+    case = make_case([(40, 1, True), (20, 1, True)], 4, 2, 16, 16, torch.float32, device)
+    args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
+    timer = ATTENTION_TUNER.timer
+    ATTENTION_TUNER.timer = functools.partial(time_launch, reps=1, rounds=1)
+    try:
+        out = block_attention(*args, 16**-0.5, 1, num_splits=1, autotune=True)
+    finally:
+        ATTENTION_TUNER.timer = timer
+    err = (out - paged_attention_reference(*args, 16**-0.5)).abs().max().item()
+    ok = bool(torch.isfinite(out).all()) and err <= 1e-4
+    return [{"kernel": "paged_attention (tuned)", "case": "interpreter tuning smoke", "dtype": str(torch.float32), "max_abs_err": err, "ok": ok}]
 
 
 # ----------------------------------------------------------------- model steps
@@ -242,7 +349,7 @@ def build_model(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype): 
     return model.eval()
 
 
-def time_model_steps(device: torch.device, reduced: bool, bandwidth: float) -> list[dict[str, Any]]:
+def time_model_steps(device: torch.device, reduced: bool, bandwidth: float, unfused_baseline: bool = True) -> list[dict[str, Any]]:
     from server.engine.params import RequestParams
     from server.engine.request import Request, Work
     from server.engine.runner import ModelRunner
@@ -256,41 +363,53 @@ def time_model_steps(device: torch.device, reduced: bool, bandwidth: float) -> l
     batches = (1, 8, 32)
     pages_per_seq = -(-(prefix + block) // page)
     num_pages = max(batches) * pages_per_seq + 1
-    runner = ModelRunner(
-        model, num_pages, page, device, dtype, max_pages_per_seq=pages_per_seq,
-        graph_query_lens=(1, block) if device.type == "cuda" else (), graph_batch_sizes=batches if device.type == "cuda" else (),
-    )
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed_tokens.weight")
     kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
-    rows = []
-    for b in batches:
+    kinds = {
+        "ar_decode": Work("decode", [5], True, [0]),
+        "denoise_32": Work("denoise", [100] * block, False, list(range(block))),
+        "verify_32": Work("verify", [5] * block, True, list(range(block))),
+    }
+
+    def make_runner(graph_batches: tuple[int, ...], graph_lens: tuple[int, ...]) -> ModelRunner:
+        on_gpu = device.type == "cuda"
+        return ModelRunner(
+            model, num_pages, page, device, dtype, max_pages_per_seq=pages_per_seq,
+            graph_query_lens=graph_lens if on_gpu else (), graph_batch_sizes=graph_batches if on_gpu else (),
+        )
+
+    def time_step(runner: ModelRunner, kind: str, b: int, label: str) -> dict[str, Any]:
+        work = kinds[kind]
         reqs = []
         for s in range(b):
             r = Request(f"r{s}", [1] * prefix, RequestParams(), seed=s, stop_ids=frozenset(), max_model_len=prefix + block + 1)
             r.num_computed = prefix
             r.table.pages = list(range(s * pages_per_seq, (s + 1) * pages_per_seq))
             reqs.append(r)
-        kinds = {
-            "ar_decode": Work("decode", [5], True, [0]),
-            "denoise_32": Work("denoise", [100] * block, False, list(range(block))),
-            "verify_32": Work("verify", [5] * block, True, list(range(block))),
-        }
-        for kind, work in kinds.items():
-            batch = [(r, work) for r in reqs]
-            specs = [RowSpec(0.0, 0, 1.0, 0, prefix, 1)] * (b * len(work.logit_rows))
+        batch = [(r, work) for r in reqs]
+        specs = [RowSpec(0.0, 0, 1.0, 0, prefix, 1)] * (b * len(work.logit_rows))
 
-            def step() -> None:
-                logits = runner.run(batch)
-                select_tokens(torch.cat(logits), specs, mc.mask_token_id)
+        def step() -> None:
+            logits = runner.run(batch)
+            select_tokens(torch.cat(logits), specs, mc.mask_token_id)
 
-            t = timeit(step, device, warmup=2, iters=10 if not reduced else 3)
-            read = weight_bytes + b * prefix * kv_bytes_per_token
-            floor = read / bandwidth
-            rows.append(
-                {"step": kind, "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3, "fraction_of_floor": floor / t,
-                 "tokens_per_s": b * (1 if kind == "ar_decode" else block) / t}
-            )
-            log(f"step {kind} batch {b}: {t*1e3:.2f} ms (floor {floor*1e3:.2f} ms, {100*floor/t:.0f}% of bandwidth floor)")
+        t = timeit(step, device, warmup=2, iters=10 if not reduced else 3)
+        read = weight_bytes + b * prefix * kv_bytes_per_token
+        floor = read / bandwidth
+        log(f"step {label} batch {b}: {t*1e3:.2f} ms (floor {floor*1e3:.2f} ms, {100*floor/t:.0f}% of bandwidth floor)")
+        return {"step": label, "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3, "fraction_of_floor": floor / t,
+                "tokens_per_s": b * (1 if kind == "ar_decode" else block) / t}
+
+    rows = []
+    if unfused_baseline:  # the model as it ran before fusing (three QKV GEMMs, PyTorch elementwise ops)
+        runner = make_runner((1,), (1,))
+        rows.append(time_step(runner, "ar_decode", 1, "ar_decode_unfused"))
+        del runner  # its graphs point at the unfused weights
+    model.fuse_projections()  # what LLMEngine does on CUDA
+    runner = make_runner(batches, (1, block))
+    for b in batches:
+        for kind in kinds:
+            rows.append(time_step(runner, kind, b, kind))
     replays = runner.graphs.replays if runner.graphs is not None else 0
     rows.append({"step": "graph_replays", "batch": 0, "ms": 0.0, "floor_ms": 0.0, "fraction_of_floor": 0.0, "tokens_per_s": replays})
     del model, runner
@@ -301,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for results.json and table.md")
     p.add_argument("--reduced", action="store_true", help="tiny shapes for a CPU smoke run")
+    p.add_argument("--budget-s", type=float, default=290.0,
+                   help="soft wall-time budget: when the checks and attention timings (which autotune) have used "
+                        "more than half of it, the model steps run without autotuning and without the unfused baseline")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -319,20 +441,44 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     log(f"gpu_check on {info['device']} (torch {info['torch']}, triton {info.get('triton')})")
+    from kernels.block_attention import ATTENTION_TUNER
+
     kernel_rows = check_kernels(device, args.reduced)
+    kernel_rows += check_elementwise(device, args.reduced)
+    log(f"kernel checks done ({time.time() - t0:.0f} s)")
     bandwidth = copy_bandwidth(device, args.reduced)
     log(f"copy bandwidth: {bandwidth/1e9:.0f} GB/s")
-    attention_rows = time_attention(device, args.reduced)
-    step_rows = time_model_steps(device, args.reduced, bandwidth)
+    attention_rows, tuned_checks = time_attention(device, args.reduced)
+    kernel_rows += tuned_checks
+    elapsed = time.time() - t0
+    log(f"attention timings done ({elapsed:.0f} s)")
+    full_steps = elapsed < args.budget_s / 2
+    if not full_steps:
+        os.environ["NLD_ATTN_AUTOTUNE"] = "0"
+        log(f"over half the {args.budget_s:.0f} s budget: model steps without autotuning or the unfused baseline")
+    info["step_autotune"] = full_steps
+    step_rows = time_model_steps(device, args.reduced, bandwidth, unfused_baseline=full_steps)
+    tuning = [rec.as_dict() for rec in ATTENTION_TUNER.records.values()]
     results = {"info": info, "kernels": kernel_rows, "copy_bandwidth_GBps": bandwidth / 1e9, "attention": attention_rows,
-               "steps": step_rows, "seconds": time.time() - t0}
+               "attention_tuning": tuning, "steps": step_rows, "seconds": time.time() - t0}
     lines = [f"device: {info['device']}  torch {info['torch']}  triton {info.get('triton')}  {info['date']}",
              f"kernel checks: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} passed "
              f"(worst error {max(r['max_abs_err'] for r in kernel_rows):.2e})",
              f"copy bandwidth: {bandwidth/1e9:.0f} GB/s", "",
-             "| attention | batch | prefix | q | ours ms | SDPA ms | Flex ms |", "|---|---|---|---|---|---|---|"]
+             "| attention | batch | prefix | q | ours ms | default cfg ms | SDPA ms | Flex ms | kernel | config (tuned?) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in attention_rows:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['prefix']} | {r['query_len']} | {r['ours_ms']:.3f} | {r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} |")
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['prefix']} | {r['query_len']} | {r['ours_ms']:.3f} | "
+                     f"{r.get('default_ms', float('nan')):.3f} | {r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} | "
+                     f"{r['kernel']} x{r['num_splits']} M{r['block_m']} | {r['config']} ({'tuned' if r['tuned'] else 'fixed'}) |")
+    if tuning:
+        lines += ["", "| tuned key (kernel, q bucket, D, group, dtype) | pick | tune s | default us | pick us | rejected |",
+                  "|---|---|---|---|---|---|"]
+        for t in tuning:
+            timings = t["timings_us"]
+            default_us = next(iter(timings.values()), float("nan"))  # the default config is timed first
+            lines.append(f"| {', '.join(t['key'])} | {t['best']} | {t['tune_seconds']:.1f} | {default_us:.1f} | "
+                         f"{timings.get(t['best'], float('nan')):.1f} | {len(t['rejected'])} |")
     lines += ["", "| step | batch | ms | floor ms | % of floor | tokens/s |", "|---|---|---|---|---|---|"]
     for r in step_rows:
         if r["step"] != "graph_replays":

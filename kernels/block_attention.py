@@ -27,6 +27,10 @@ Kernel layout:
   and its log2-sum-exp, and a reduce kernel merges them. The last split also covers the
   segment's own keys.
 
+Launch configs: on CUDA the tile config (``BLOCK_N``, warps, stages) is autotuned per key by
+``ATTENTION_TUNER`` on the first eager call (see ``block_attention``); under the interpreter,
+and with ``NLD_ATTN_AUTOTUNE=0``, the fixed ``default_tile_config`` is used.
+
 Every row of ``q`` must belong to a segment (``query_start_loc[S] == T``); rows outside every
 segment are left unwritten.
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from types import FrameType
@@ -45,7 +44,9 @@ class DrainingServer(uvicorn.Server):
             deadline = time.monotonic() + self.drain_timeout
             while self.engine.num_unfinished and time.monotonic() < deadline:
                 time.sleep(0.05)
-            super(DrainingServer, self).handle_exit(signal.SIGTERM, None)
+            # not super().handle_exit: uvicorn would record the signal and re-raise it once
+            # shut down, so the drained process would die of SIGTERM instead of exiting 0
+            self.should_exit = True
 
         threading.Thread(target=wait_then_exit, name="drain", daemon=True).start()
 

@@ -44,7 +44,7 @@ class Work:
         return len(self.token_ids)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: the scheduler finds requests in lists by identity
 class Request:
     """Engine-side state. ``token_ids`` = prompt + emitted tokens; the first ``num_computed``
     of them have causal K/V in the cache (pages in ``table``)."""

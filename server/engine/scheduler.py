@@ -2,8 +2,9 @@
 
 Policy: first come, first served. Each step spends a token budget, running requests first
 (in arrival order), then admits waiting ones while there is room (a cap on running
-sequences, the budget, free pages). Prefill is chunked to fit the budget; every other kind of
-pass is atomic. When pages run out, the newest running request is preempted by recompute:
+sequences, the budget, free pages). Causal passes over committed tokens (prefill, and the
+diffusion commit, which is the same operation) are chunked to fit the budget; decode,
+denoise, draft and verify passes are atomic. When pages run out, the newest running request is preempted by recompute:
 its pages are freed and it goes back to the waiting queue with its emitted tokens kept,
 to be prefilled again later. Nothing is ever dropped.
 """

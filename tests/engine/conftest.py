@@ -1,6 +1,14 @@
-"""Engine tests run tiny models on a shared CPU: one intra-op thread is far faster than
-contended multi-threading for these shapes (and keeps timings stable)."""
+"""Engine tests run tiny models on a shared CPU, where one intra-op thread is several times
+faster than contended multi-threading for these shapes. Set per test (and restored), so tests
+outside this folder keep the default."""
 
+import pytest
 import torch
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

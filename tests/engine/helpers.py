@@ -6,8 +6,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.outputs import RequestStats
@@ -149,16 +147,3 @@ def run_all(engine: LLMEngine, requests: list[tuple[str, list[int], RequestParam
                 d.step()
     d.run()
     return d.done
-
-
-def greedy_alone(model: DecoderModel, prompt: list[int], params: RequestParams, **engine_kw: Any) -> list[int]:
-    eng = make_engine(model, **engine_kw)
-    return eng.generate([prompt], params)[0]["token_ids"]
-
-
-def logits_close_to_tie(margin: float, tol: float = 1e-3) -> bool:
-    return margin < tol
-
-
-def fp32(model: DecoderModel) -> bool:
-    return next(model.parameters()).dtype == torch.float32

@@ -208,7 +208,7 @@ def test_lru_eviction_order_of_cached_free_pages() -> None:
     # never-used pages go first, then A's tail, A's head, B's tail, B's head
     tc = PageTable()
     assert kv.allocate(tc, 2 * 3)
-    assert tc.pages == [4, 5, ta_pages_tail := 1]
+    assert tc.pages == [4, 5, 1]  # 1 = A's tail page
     t = PageTable()
     assert kv.match_prefix(t, a + [0]) == 2, "A's tail page was evicted, its head survives"
     kv.free(t)  # A's head becomes most recently used
@@ -224,7 +224,6 @@ def test_lru_eviction_order_of_cached_free_pages() -> None:
     t = PageTable()
     assert kv.match_prefix(t, b + [0]) == 4
     kv.check_integrity([tc, td, t])
-    del ta_pages_tail
 
 
 def test_eviction_forgets_the_hash() -> None:
