@@ -86,12 +86,14 @@ class TuneRecord:
     key: Hashable
     best: Any
     seconds: float
+    default: Any = None  # the reference config (first candidate)
     timings: dict[Any, float] = field(default_factory=dict)  # config -> s per launch
     rejected: dict[Any, str] = field(default_factory=dict)  # config -> why
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": [str(k) for k in self.key] if isinstance(self.key, tuple) else str(self.key),
-                "best": str(self.best), "tune_seconds": round(self.seconds, 3),
+                "best": str(self.best), "default": str(self.default),
+                "tune_seconds": round(self.seconds, 3),
                 "timings_us": {str(c): round(t * 1e6, 2) for c, t in self.timings.items()},
                 "rejected": {str(c): why for c, why in self.rejected.items()}}
 
@@ -134,7 +136,7 @@ class LaunchTuner:
             if key in self.best:
                 return self.best[key]
             t0 = time.perf_counter()
-            record = TuneRecord(key, None, 0.0)
+            record = TuneRecord(key, None, 0.0, default=first_round[0] if first_round else None)
             reference: list[torch.Tensor] = []
             fingerprints: dict[Any, str | None] = {}
             first_error: list[BaseException] = []

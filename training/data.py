@@ -61,17 +61,27 @@ def _cut(text: str, target_chars: int) -> str:
 def make_chat_samples(docs: Sequence[Document], num_samples: int, seed: int = 0) -> list[str]:
     """Synthetic chat transcripts built from passages of the corpus (see module docstring)."""
     rng = random.Random(seed)
-    paragraph_lists = [split_paragraphs(d.text) for d in docs]
-    weights = [len(d.text) for d in docs]
+    paragraph_lists, weights = [], []
+    for d in docs:
+        paras = split_paragraphs(d.text)
+        if len(paras) < 2:  # fall back to lines for unparagraphed text
+            paras = [line for line in d.text.splitlines() if line.strip()]
+        if len(paras) >= 2:
+            paragraph_lists.append(paras)
+            weights.append(len(d.text))
+    if not paragraph_lists:
+        raise ValueError("no document has two or more paragraphs (or lines) to build chat samples from")
     samples: list[str] = []
+    attempts = 0
     while len(samples) < num_samples:
+        attempts += 1
+        if attempts > 100 * num_samples + 1000:
+            raise ValueError(f"could only build {len(samples)} of {num_samples} chat samples from this text")
         paras = rng.choices(paragraph_lists, weights=weights)[0]
-        if len(paras) < 4:
-            continue
-        i = rng.randrange(len(paras) - 3)
+        i = rng.randrange(len(paras) - 1)
         window = "\n\n".join(paras[i : i + 12])
-        opening = _cut(window, rng.choice((40, 80, 120, 200, 300))).strip()
-        rest = window[len(_cut(window, len(opening))) :].lstrip()
+        head = _cut(window, rng.choice((40, 80, 120, 200, 300)))
+        opening, rest = head.strip(), window[len(head) :].lstrip()
         if len(opening) < 8 or len(rest) < 40:
             continue
         answer = _cut(rest, int(rng.uniform(80, 900))).strip()
@@ -82,8 +92,9 @@ def make_chat_samples(docs: Sequence[Document], num_samples: int, seed: int = 0)
         messages.append({"role": "assistant", "content": answer})
         if rng.random() < 0.1:  # an occasional second turn
             j = rng.randrange(len(paras))
-            follow = _cut(paras[j], rng.choice((40, 100))).strip()
-            nxt = "\n\n".join(paras[j : j + 6])[len(_cut(paras[j], len(follow))) :].lstrip()
+            follow_head = _cut(paras[j], rng.choice((40, 100)))
+            follow = follow_head.strip()
+            nxt = "\n\n".join(paras[j : j + 6])[len(follow_head) :].lstrip()
             if len(follow) >= 8 and len(nxt) >= 40:
                 messages.append({"role": "user", "content": follow})
                 messages.append({"role": "assistant", "content": _cut(nxt, int(rng.uniform(80, 500))).strip()})

@@ -134,7 +134,7 @@ class ChoiceRun:
 
     async def _abort_and_drain(self) -> RequestStats | None:
         """A stop string matched: abort, and read the engine's last output for its stats."""
-        await self.engine.abort(self.spec.request_id)
+        await self.engine.abort(self.spec.request_id, reason="stop")
         self._engine_done = True
         iterator = self._iterator
         assert iterator is not None

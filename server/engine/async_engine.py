@@ -129,10 +129,10 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._post("abort", request_id)
+                self._post("abort", (request_id, "abort"))
 
-    async def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
+    async def abort(self, request_id: str, reason: str = "abort") -> None:
+        self._post("abort", (request_id, reason))
 
     def _post(self, kind: str, payload: Any) -> None:
         self._commands.put((kind, payload))
@@ -179,16 +179,15 @@ class AsyncEngine:
                 else:
                     fut.set_result(None)
             elif kind == "abort":
-                out = engine.abort(payload)
+                out = engine.abort(*payload)
                 if out is not None:
                     self._deliver(out)
 
     def _fail_all(self, engine: LLMEngine) -> list[RequestOutput]:
         outputs = []
         for request_id in list(engine.requests):
-            out = engine.abort(request_id)
+            out = engine.abort(request_id, "error")
             if out is not None:
-                out.finish_reason = "error"
                 out.error = "internal error while running the model"
                 outputs.append(out)
         return outputs

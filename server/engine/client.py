@@ -39,8 +39,9 @@ class EngineClient(Protocol):
         """Submit a request and stream its outputs. Raises ValueError for invalid params,
         QueueFullError when the waiting queue is full."""
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it already finished)."""
+    async def abort(self, request_id: str, reason: str = "abort") -> None:
+        """End a request early (no-op if it already finished). ``reason`` is its finish
+        reason: "abort" (the client left) or "stop" (the API matched a stop string)."""
 
     def kv_pages_free(self) -> int:
         """Number of KV pages not owned by any running request (tests compare it before/after)."""

@@ -19,7 +19,7 @@ from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
 from server.engine.modes import make_mode
 from server.engine.modes.base import DecodeMode
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import FinishReason, RequestOutput
 from server.engine.params import RequestParams
 from server.engine.request import Request, Status
 from server.engine.runner import ModelRunner
@@ -179,9 +179,9 @@ class LLMEngine:
         self.requests[request_id] = req
         return req
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Abort a request; its pages are freed at once. Returns its final output."""
-        req = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
+        """End a request early with ``reason``; its pages are freed at once. Returns its final output."""
+        req = self.scheduler.abort(request_id, reason)
         if req is None:
             return None
         out = self._finalize(req)

@@ -19,6 +19,7 @@ from typing import Callable
 from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
 from server.engine.modes import DecodeMode
+from server.engine.outputs import FinishReason
 from server.engine.request import Request, Status, Work
 
 
@@ -54,14 +55,15 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def abort(self, request_id: str) -> Request | None:
-        """Remove a request wherever it is and free its pages. Returns it, or None if unknown."""
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> Request | None:
+        """Remove a request wherever it is, free its pages and finish it with ``reason``.
+        Returns it, or None if unknown."""
         for queue in (self.running, self.waiting):
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
                     self.kv.free(req.table)
-                    req.finish("abort")
+                    req.finish(reason)
                     return req
         return None
 

@@ -174,7 +174,7 @@ class FakeEngine:
             self._free_pages += req.pages
             self.running.pop(req.request_id, None)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, reason: str = "abort") -> None:
         if request_id not in self.aborted:
             self.aborted.append(request_id)  # recorded even if cancellation already ended it
         req = self.running.get(request_id)

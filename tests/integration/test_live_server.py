@@ -212,11 +212,6 @@ def test_stop_string_finishes_with_stop(stack: Stack, mode: str) -> None:
         assert usage["completion_tokens"] <= 24
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a stop-string match aborts the engine request (ChoiceRun._abort_and_drain -> "
-    "engine.abort), so the metrics count a finish the client sees as 'stop' under "
-    "finished_reason='abort' and nld_num_aborted_requests_total"
-))
 def test_stop_string_finish_is_counted_as_stop(stack: Stack) -> None:
     if not stack.exact:  # type: ignore[attr-defined]
         pytest.skip("needs the fixture checkpoint's predictable output")

@@ -171,3 +171,19 @@ def test_no_tuning_during_graph_capture(device, fresh_tuner, monkeypatch):
     out = block_attention(*b.args(), num_splits=1, autotune=True)
     assert_close(out, paged_attention_reference(*b.args()), torch.float32)
     assert not fresh_tuner.best and not fresh_tuner.records
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_every_candidate_tile_is_correct(head_dim, num_splits, device):
+    """Each BLOCK_N the tuner can pick for real head dims (the interpreter ignores warps and
+    stages; on a GPU the tuner's own output check covers those)."""
+    b = make_batch([(150, 1, True), (40, 9, True), (70, 5, False)], num_kv_heads=1, group=4,
+                   head_dim=head_dim, page_size=16, dtype=torch.float16, device=device, seed=7)
+    expected = paged_attention_reference(*b.args())
+    configs = tile_candidates(head_dim)
+    for block_n in sorted({c.block_n for c in configs}):
+        cfg = next(c for c in configs if c.block_n == block_n)
+        out = block_attention(*b.args(), num_splits=num_splits, block_n=cfg.block_n,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        assert_close(out, expected, torch.float16)
