@@ -49,15 +49,23 @@ def uniforms(keys: torch.Tensor, width: int) -> torch.Tensor:
     return (x.double() + 0.5) / 4294967296.0
 
 
-def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Tempered, top-k and top-p filtered distributions; rows [R, V]. temperature > 0 per row."""
+def filtered_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    use_top_k: bool = True,
+    use_top_p: bool = True,
+) -> torch.Tensor:
+    """Tempered, top-k and top-p filtered distributions; rows [R, V]. temperature > 0 per row.
+    ``use_top_k``/``use_top_p`` (host flags) skip filters no row needs, without a device sync."""
     scaled = logits / temperature[:, None]
-    if bool((top_k > 0).any()):
+    if use_top_k:
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1])).clamp(max=logits.shape[-1])
         kth = torch.sort(scaled, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if bool((top_p < 1).any()):
+    if use_top_p:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p
         drop_sorted = before >= top_p[:, None]
@@ -113,6 +121,8 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
             torch.tensor([s.temperature for s in sub], device=device, dtype=torch.float32),
             torch.tensor([s.top_k for s in sub], device=device),
             torch.tensor([s.top_p for s in sub], device=device, dtype=torch.float32),
+            use_top_k=any(s.top_k > 0 for s in sub),
+            use_top_p=any(s.top_p < 1 for s in sub),
         )
         keys = row_keys([s.seed for s in sub], [s.position for s in sub], [s.salt for s in sub], device)
         tokens = tokens.index_copy(0, idx, race(probs, keys))
@@ -120,9 +130,15 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     chosen_lp = log_probs.gather(1, tokens[:, None])[:, 0]
     want_top = max((s.logprobs or 0) for s in specs)
     top = torch.topk(log_probs, want_top, dim=-1) if want_top > 0 else None
-    tokens_l, lp_l = tokens.tolist(), chosen_lp.tolist()
-    top_v = top.values.tolist() if top is not None else None
-    top_i = top.indices.tolist() if top is not None else None
+    # one device-to-host transfer for everything the caller needs
+    packed = [tokens.double(), chosen_lp.double()]
+    if top is not None:
+        packed += [top.indices.double().T, top.values.double().T]
+    host = torch.cat([t.reshape(-1, len(specs)) for t in packed]).T.tolist()
+    tokens_l = [int(row[0]) for row in host]
+    lp_l = [row[1] for row in host]
+    top_i = [[int(v) for v in row[2 : 2 + want_top]] for row in host] if top is not None else None
+    top_v = [row[2 + want_top :] for row in host] if top is not None else None
     results = []
     for i, spec in enumerate(specs):
         res = RowResult(token=tokens_l[i], confidence=math.exp(lp_l[i]))

@@ -94,13 +94,12 @@ class Attention(nn.Module):
             q = qkv[..., : hq * d].view(*lead, hq, d)
             k = qkv[..., hq * d : (hq + hkv) * d].view(*lead, hkv, d)
             v = qkv[..., (hq + hkv) * d :].view(*lead, hkv, d)
+            # fused path (inference): q and k rotated in one kernel, read from the strided views
+            q, k = kernel_ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
         else:
             q = self.q_proj(x).view(*lead, hq, d)
             k = self.k_proj(x).view(*lead, hkv, d)
             v = self.v_proj(x).view(*lead, hkv, d)
-        if self.qkv_proj is not None:  # fused path (inference): q and k in one rotary kernel
-            q, k = kernel_ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
-        else:
             q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
         attn = ctx.attend(self.layer, q, k, v).reshape(*lead, self.num_heads * self.head_dim)
         out = self.o_proj(attn)

@@ -195,3 +195,18 @@ def test_cpu_dispatch_is_the_reference(force_reference):
 def test_checks(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call()
+
+
+def test_rms_norm_wide_rows_fall_back_to_reference(force_triton, monkeypatch):
+    from kernels import elementwise
+
+    assert ops._MAX_RMS_NORM_COLS == elementwise.MAX_RMS_NORM_COLS
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the Triton kernel must not be used for rows this wide")
+
+    monkeypatch.setattr(elementwise, "rms_norm_triton", boom)
+    x = _randn(2, elementwise.MAX_RMS_NORM_COLS + 2, seed=40)
+    w = torch.ones(x.shape[-1])
+    y, _ = ops.rms_norm(x, w, 1e-5)
+    assert torch.equal(y, rms_norm_reference(x, w, 1e-5)[0])

@@ -124,6 +124,8 @@ class SelfSpeculativeMode:
             torch.full((n,), s.temperature, device=dev),
             torch.full((n,), s.top_k, device=dev, dtype=torch.int64),
             torch.full((n,), s.top_p, device=dev),
+            use_top_k=s.top_k > 0,
+            use_top_p=s.top_p < 1,
         )
 
     def _rejection_sample(
