@@ -154,7 +154,7 @@ def prepare(args: argparse.Namespace, out: Path) -> tuple[TokenData, int]:
 
 @torch.no_grad()
 def evaluate(model: DecoderModel, windows: torch.Tensor, device: torch.device, batch_size: int,
-             block_size: int = 32, seed: int = 1234) -> dict[str, float]:
+             block_size: int = 32, seed: int = 1234, with_ar: bool = True) -> dict[str, float]:
     """Held-out AR cross-entropy / perplexity (plain causal forward) and the masked-token
     loss of the diffusion stream (fixed noise seed, block ``block_size``)."""
     model.eval()
@@ -167,20 +167,21 @@ def evaluate(model: DecoderModel, windows: torch.Tensor, device: torch.device, b
     for i in range(0, len(windows), batch_size):
         x = windows[i : i + batch_size].to(device)
         with autocast_ctx(device):
-            h = model(x, pos.expand_as(x), DenseAttention(causal))
-            logits = model.compute_logits(h[:, :-1])
-            ar_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
-            ar_n += x[:, 1:].numel()
+            if with_ar:
+                h = model(x, pos.expand_as(x), DenseAttention(causal))
+                logits = model.compute_logits(h[:, :-1])
+                ar_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+                ar_n += x[:, 1:].numel()
             out = joint_loss(model, x, block_size, MASK_ID, generator=gen, mask=sbd)
         m_sum += float(out.masked_ce) * out.num_masked
         m_n += out.num_masked
         d_sum += float(out.diffusion_loss) * x.shape[0]
         d_rows += x.shape[0]
     model.train()
-    ar_ce = ar_sum / max(1, ar_n)
+    ar_ce = ar_sum / ar_n if ar_n else float("nan")
     return {
         "ar_ce": ar_ce,
-        "ar_ppl": math.exp(ar_ce),
+        "ar_ppl": math.exp(ar_ce) if ar_n else float("nan"),
         "masked_ce": m_sum / max(1, m_n),
         "diffusion_loss": d_sum / max(1, d_rows),
         "eval_tokens": ar_n,
