@@ -52,6 +52,7 @@ MILTON_FILES = (
 ALL_SOURCES = ("shakespeare", "austen", "milton", "kjv")
 CHUNK_CHARS = 4000  # held-out unit: consecutive paragraphs of at least this many characters
 DEFAULT_HELDOUT = 0.02
+CORPUS_FORMAT = 2  # bump when the text cleaning or the split rule changes (invalidates built corpora)
 
 AUSTEN_TITLES = {
     "emma": "Emma",
@@ -325,7 +326,8 @@ def build_corpus(out_dir: str | Path | None = None, heldout_frac: float = DEFAUL
     if not force and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         same_sources = [src["name"] for src in manifest.get("sources", [])] == list(sources)
-        if manifest.get("heldout_fraction") == heldout_frac and same_sources and (out / "train.jsonl").is_file():
+        if (manifest.get("format") == CORPUS_FORMAT and manifest.get("heldout_fraction") == heldout_frac
+                and same_sources and (out / "train.jsonl").is_file()):
             return out
     out.mkdir(parents=True, exist_ok=True)
     all_train: list[Document] = []
@@ -343,6 +345,7 @@ def build_corpus(out_dir: str | Path | None = None, heldout_frac: float = DEFAUL
     _write_jsonl(out / "train.jsonl", all_train)
     _write_jsonl(out / "heldout.jsonl", all_heldout)
     manifest = {
+        "format": CORPUS_FORMAT,
         "heldout_fraction": heldout_frac,
         "heldout_unit": f"chunks of consecutive paragraphs (>= {CHUNK_CHARS} chars), "
                         f"crc32(source/title/chunk) % {round(1 / heldout_frac) if heldout_frac else 0} == 0",

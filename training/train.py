@@ -36,7 +36,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -199,7 +198,9 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
+    evals = [r for r in rows if r.get("kind") == "eval" and not r.get("final")]
+    finals = [r for r in rows if r.get("kind") == "eval" and r.get("final")]
+    final_x = [r.get("exported_tokens", r["tokens"]) / 1e6 for r in finals]
     if not train:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -207,6 +208,9 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
     axes[0].plot(mtok(train), [r["ar_loss"] for r in train], label="train AR CE", alpha=0.6)
     if evals:
         axes[0].plot(mtok(evals), [r["ar_ce"] for r in evals], "o-", label="held-out AR CE")
+    if finals:
+        axes[0].plot(final_x, [r["ar_ce"] for r in finals], "*", ms=14, color="C3",
+                     label="exported weights, all held-out")
     axes[0].set_xlabel("training tokens (M, clean stream)")
     axes[0].set_ylabel("nats / token")
     axes[0].set_title("autoregressive (next-token) loss")
@@ -214,6 +218,9 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
     axes[1].plot(mtok(train), [r["masked_ce"] for r in train], label="train masked-token CE", alpha=0.6)
     if evals:
         axes[1].plot(mtok(evals), [r["masked_ce"] for r in evals], "o-", label="held-out masked-token CE (block 32)")
+    if finals:
+        axes[1].plot(final_x, [r["masked_ce"] for r in finals], "*", ms=14, color="C3",
+                     label="exported weights, all held-out")
     axes[1].set_xlabel("training tokens (M, clean stream)")
     axes[1].set_ylabel("nats / masked token")
     axes[1].set_title("diffusion (masked-token) loss, t ~ U(eps, 1)")
@@ -322,7 +329,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log_f.write(json.dumps(row) + "\n")
         log_f.flush()
 
-    best: dict[str, Any] = {"ar_ce": float("inf"), "state": None, "step": None}
+    best: dict[str, Any] = {"ar_ce": float("inf"), "state": None, "step": None, "tokens": None}
     acc: dict[str, float] = {"loss": 0.0, "ar_loss": 0.0, "diffusion_loss": 0.0, "masked_ce": 0.0, "n": 0, "tok": 0, "sec": 0.0}
     last_ckpt = last_eval = train_seconds
     first_losses: list[float] = []
@@ -370,7 +377,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             train_seconds += time.perf_counter() - t1
             last_eval = train_seconds
             if args.keep_best and metrics["ar_ce"] < best["ar_ce"]:
-                best.update(ar_ce=metrics["ar_ce"], step=step,
+                best.update(ar_ce=metrics["ar_ce"], step=step, tokens=tokens,
                             state={k: v.detach().clone() for k, v in model.state_dict().items()})
             log({"kind": "eval", "step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2), **metrics})
             print(json.dumps({"eval": metrics, "step": step}), flush=True)
@@ -392,14 +399,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   f"< {last_ce:.4f} at the end)", flush=True)
             model.load_state_dict(best["state"])
         else:
-            best["step"] = step
+            best.update(step=step, tokens=tokens)
     if args.stop_at_step and step >= args.stop_at_step and not done():
         log_f.close()
         print(f"stopped at step {step} (--stop-at-step); continue with --resume", flush=True)
         return {"steps": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": True}
     all_heldout = eval_windows(data.heldout, args.seq_len, 10**9)
     metrics = evaluate(model, all_heldout if args.full_final_eval else eval_x, device, args.eval_batch_size, args.block_size)
-    log({"kind": "eval", "step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2), "final": True, **metrics})
+    exported_step = best["step"] if args.keep_best and best["step"] is not None else step
+    exported_tokens = best["tokens"] if args.keep_best and best["tokens"] is not None else tokens
+    log({"kind": "eval", "step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2), "final": True,
+         "exported_step": exported_step, "exported_tokens": exported_tokens, **metrics})
     log_f.close()
     plot_curves(out / "log.jsonl", out / "loss.png",
                 title=f"NLD default model: {n_params / 1e6:.1f}M params, {tokens / 1e6:.1f}M tokens")
@@ -417,7 +427,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "tokens_per_second": tokens / max(train_seconds, 1e-9),
         "first_losses": first_losses,
-        "exported_step": best["step"] if args.keep_best and best["step"] is not None else step,
+        "exported_step": exported_step,
         "final_eval": metrics,
         "final_eval_bf16_weights": shipped_metrics,
         "checkpoint_bytes": (final / "model.safetensors").stat().st_size,

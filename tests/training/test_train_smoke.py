@@ -283,7 +283,7 @@ def _args(out: Path, corpus: Path, *extra: str):  # type: ignore[no-untyped-def]
     ])
 
 
-def test_training_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path) -> None:
+def test_training_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from server.model.loader import load_model, load_tokenizer
     from training.train import train
 
@@ -324,6 +324,15 @@ def test_training_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path) -> None:
     assert torch.isfinite(logits).all() and logits.shape == (1, len(ids), cfg["vocab_size"])
     # the shipped bf16 weights evaluate close to the trained fp32 weights
     assert abs(summary["final_eval_bf16_weights"]["ar_ce"] - summary["final_eval"]["ar_ce"]) < 0.1
+
+    from training.evaluate import main as evaluate_main
+
+    capsys.readouterr()
+    evaluate_main([str(final), "--data", str(out / "data.npz"), "--seq-len", "32", "--windows", "4",
+                   "--block-sizes", "4", "32"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["ar_ce"] == pytest.approx(summary["final_eval_bf16_weights"]["ar_ce"], abs=0.5)
+    assert set(report["diffusion_by_block"]) == {"4", "32"}
 
 
 def test_training_resume_continues(tmp_path: Path) -> None:
