@@ -137,7 +137,9 @@ def rms_norm_reference(
     return weight * x32.to(dtype), x
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox (rotate-half) rotary of ``x`` ``[..., H, D]`` with tables ``[..., D]`` (fp32 math,
+    output in ``x``'s dtype)."""
     half = x.shape[-1] // 2
     x32 = x.float()
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
@@ -154,7 +156,7 @@ def rotary_qk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotate-half rotary: ``q`` ``[..., Hq, D]`` with the query tables, ``k``
     ``[..., Hkv, D]`` with the plain ones (tables ``[..., D]``, fp32); as ``apply_rotary``."""
-    return _rotate(q, cos_q, sin_q), _rotate(k, cos, sin)
+    return rotate_half_reference(q, cos_q, sin_q), rotate_half_reference(k, cos, sin)
 
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kernels import ops as kernel_ops
+from kernels.reference import rms_norm_reference, rotate_half_reference
 from server.model.config import RopeConfig
 
 
@@ -19,10 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm_reference(x, self.weight, self.eps)[0]
 
 
 class SwiGLU(nn.Module):
@@ -102,10 +100,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [..., T, H, D]; cos/sin: [..., T, D] (fp32). Returns x's dtype."""
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
+    return rotate_half_reference(x, cos, sin)
 
 
 def llama4_query_scale(positions: torch.Tensor, beta: float, original_max: int) -> torch.Tensor:
