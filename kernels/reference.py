@@ -68,6 +68,9 @@ def paged_attention_reference(
     starts = query_start_loc.tolist()
     ctx_lens = context_lens.tolist()
     is_causal = causal.tolist()
+    lens = {b - a for a, b in zip(starts, starts[1:])}
+    if len(ctx_lens) > 1 and len(lens) == 1 and starts[-1] == num_tokens and 0 not in lens:
+        return _uniform_batch_attention(q, k, v, k_cache, v_cache, block_tables, ctx_lens, is_causal, scale)
     for s, ctx in enumerate(ctx_lens):
         start, end = starts[s], starts[s + 1]
         q_len = end - start
@@ -96,6 +99,55 @@ def paged_attention_reference(
         ctx_out = ctx_out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
         out[start:end] = ctx_out.reshape(q_len, num_q_heads, head_dim).to(q.dtype)
     return out
+
+
+def _uniform_batch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: list[int],
+    is_causal: list[bool],
+    scale: float,
+) -> torch.Tensor:
+    """The same attention for a batch whose segments all have one length (e.g. all decode
+    rows): every sequence's prefix is gathered at once, padded to the longest, and one
+    masked batched attention replaces the per-sequence loop."""
+    num_seqs = len(ctx_lens)
+    q_len = q.shape[0] // num_seqs
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    page_size = k_cache.shape[1]
+    max_ctx = max(ctx_lens)
+    num_pages = -(-max_ctx // page_size)
+    pages = block_tables[:, :num_pages].long()
+    fresh_k = k.view(num_seqs, q_len, num_kv_heads, head_dim)
+    fresh_v = v.view(num_seqs, q_len, num_kv_heads, head_dim)
+    prefix_k = k_cache[pages].reshape(num_seqs, num_pages * page_size, num_kv_heads, head_dim)[:, :max_ctx]
+    prefix_v = v_cache[pages].reshape(num_seqs, num_pages * page_size, num_kv_heads, head_dim)[:, :max_ctx]
+    keys = torch.cat([prefix_k, fresh_k], dim=1).float().permute(0, 2, 3, 1)  # [S, Hkv, D, N]
+    values = torch.cat([prefix_v, fresh_v], dim=1).float().permute(0, 2, 1, 3)  # [S, Hkv, N, D]
+    qs = q.float().view(num_seqs, q_len, num_kv_heads, group, head_dim)
+    qs = qs.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(qs, keys) * scale  # [S, Hkv, G*L, N]
+
+    dev = q.device
+    key_idx = torch.arange(max_ctx + q_len, device=dev)
+    ctx = torch.tensor(ctx_lens, device=dev)[:, None, None]
+    query_idx = torch.arange(q_len, device=dev)[None, :, None]
+    in_prefix = key_idx[None, None, :] < ctx  # padded prefix slots are invisible
+    seg = key_idx[None, None, :] - max_ctx  # index within the segment (negative: prefix area)
+    causal = torch.tensor(is_causal, device=dev)[:, None, None]
+    in_segment = (seg >= 0) & (~causal | (seg <= query_idx))
+    visible = (in_prefix | in_segment).repeat(1, group, 1)  # [S, G*L, N]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, values)  # [S, Hkv, G*L, D]
+    out = out.view(num_seqs, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs * q_len, num_q_heads, head_dim).to(q.dtype)
 
 
 def store_kv_reference(
