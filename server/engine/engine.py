@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from server.engine.modes import make_mode
 from server.engine.modes.base import DecodeMode
 from server.engine.outputs import FinishReason, RequestOutput
 from server.engine.params import RequestParams
-from server.engine.request import Request, Status
+from server.engine.request import Request
 from server.engine.runner import ModelRunner
 from server.engine.sampler import select_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -133,9 +134,7 @@ class LLMEngine:
         decode = params.decode
         if decode.mode != "ar" and not self.model_config.is_diffusion:
             raise ValueError(f"mode {decode.mode!r} needs a diffusion checkpoint; this model serves only 'ar'")
-        if decode.refine_steps is None and self.config.default_refine_steps is not None:
-            from dataclasses import replace
-
+        if decode.mode == "diffusion" and decode.refine_steps is None and self.config.default_refine_steps is not None:
             decode = replace(decode, refine_steps=self.config.default_refine_steps)
         decode = decode.resolved(self.model_config.block_size, self.max_model_len)
         work_len = {"ar": 1, "diffusion": decode.block_length, "self_spec": (decode.draft_length or 0) + 1}[decode.mode]
@@ -288,7 +287,3 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
-
-    @property
-    def running_statuses(self) -> list[Status]:
-        return [r.status for r in self.scheduler.running]
