@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
-	docker compose config -q
+	docker compose config -q 2>/dev/null || docker-compose config -q
 
 clean:
 	rm -rf $(VENV)

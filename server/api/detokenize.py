@@ -47,6 +47,18 @@ class IncrementalDetokenizer:
         self._advance()
         return window[len(emitted) :]
 
+    def tokens_covering(self, num_chars: int) -> int:
+        """The fewest leading tokens whose text is at least ``num_chars`` long (all of them if
+        none is): how many tokens a request used to produce its first ``num_chars`` characters."""
+        lo, hi = 1, len(self.token_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._decode(self.token_ids[:mid])) >= num_chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
     def flush(self) -> str:
         """Return whatever is still held back (an incomplete character decodes as U+FFFD)."""
         emitted, window = self._pending()

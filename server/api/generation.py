@@ -115,6 +115,10 @@ class ChoiceRun:
         text, finish, stats = found.text, None, None
         if found.stopped:
             finish = "stop"
+            # a diffusion block or an accepted run may go past the stop string: count only the
+            # tokens up to the one that completes it
+            assert self._stop.stop_end is not None
+            self._token_count = min(self._token_count, self._detok.tokens_covering(self._stop.stop_end))
             if output.finished:
                 self._engine_done, stats = True, output.stats
             else:

@@ -22,6 +22,8 @@ class StopStringMatcher:
         self._stops = [s for s in stop_strings if s]
         self._held = ""
         self.stopped = False
+        self._emitted_chars = 0  # length of all text returned so far
+        self.stop_end: int | None = None  # once stopped: offset just past the stop string in the full text
 
     def feed(self, text: str) -> StopResult:
         """Add ``text``; return what can be emitted now."""
@@ -30,14 +32,20 @@ class StopStringMatcher:
         if not self._stops:
             return StopResult(text)
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, len(s)) for i, s in ((buffer.find(s), s) for s in self._stops) if i >= 0]
+        if found:
+            cut, length = min(found)
             self.stopped = True
             self._held = ""
-            return StopResult(buffer[:cut], True)
+            self.stop_end = self._emitted_chars + cut + length
+            return self._emit(buffer[:cut], stopped=True)
         keep = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
-        return StopResult(buffer[: len(buffer) - keep])
+        return self._emit(buffer[: len(buffer) - keep])
+
+    def _emit(self, text: str, stopped: bool = False) -> StopResult:
+        self._emitted_chars += len(text)
+        return StopResult(text, stopped)
 
     def flush(self) -> str:
         """At the end of the request: the held-back text was not a stop string after all."""

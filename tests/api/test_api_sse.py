@@ -194,3 +194,18 @@ def test_streaming_is_incremental(server: LiveServer) -> None:
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic() - start)
     assert arrivals[-1] - arrivals[0] > 0.3  # chunks were not buffered to the end
+
+
+def test_stop_string_inside_a_block_counts_only_tokens_up_to_it(server: LiveServer) -> None:
+    """A diffusion block may run past the stop string; usage counts the tokens up to the one
+    that completes the stop string, not the whole block."""
+    tok = server.engine.tokenizer
+    script = tok.encode(FOX, add_special_tokens=False)
+    server.engine.knobs.script = script
+    body = {**CHAT, "stop": "lazy", "mode": "diffusion", "block_length": 32, "max_tokens": 100}
+    r = http().post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    used = r.json()["usage"]["completion_tokens"]
+    stop_end = FOX.index("lazy") + len("lazy")
+    expected = next(k for k in range(1, len(script) + 1) if len(tok.decode(script[:k], skip_special_tokens=True)) >= stop_end)
+    assert used == expected < len(script)
