@@ -95,16 +95,20 @@ def load_model(
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     files = _checkpoint_files(model_dir)
-    for path in tqdm(files, desc="loading weights", unit="file", disable=not progress or len(files) < 2):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                target = checkpoint_name_to_param(name, config)
-                if target is None:
-                    continue
-                if target not in params:
-                    unexpected.append(name)
-                    continue
-                loaded[target] = f.get_tensor(name)
+    total_bytes = sum(path.stat().st_size for path in files)
+    with tqdm(total=total_bytes, desc="loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    target = checkpoint_name_to_param(name, config)
+                    if target is None:
+                        continue
+                    if target not in params:
+                        unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    loaded[target] = tensor
+                    bar.update(tensor.numel() * tensor.element_size())
     missing = sorted(expected - loaded.keys())
     if missing or unexpected:
         parts = []
