@@ -175,7 +175,8 @@ def create_app(
     created = int(time.time())
 
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=created, owned_by=OWNED_BY, root=engine.model_name, max_model_len=engine.max_model_len)
+        max_len = engine.max_model_len if _is_ready(engine) else None
+        return ModelCard(id=name, created=created, owned_by=OWNED_BY, root=engine.model_name, max_model_len=max_len)
 
     @app.post(
         "/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk),

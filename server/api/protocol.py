@@ -240,7 +240,7 @@ class ModelCard(_ResponseModel):
     created: int
     owned_by: str
     root: str
-    max_model_len: int
+    max_model_len: int | None = None  # None while the model loads or the server drains
 
 
 class ModelList(_ResponseModel):

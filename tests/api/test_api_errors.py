@@ -229,7 +229,12 @@ def test_draining_refuses_new_work(server: LiveServer) -> None:
 def test_ready_follows_the_engine(server: LiveServer) -> None:
     server.engine.knobs.ready = False
     assert http().get(server.url + "/ready").status_code == 503
+    models = http().get(server.url + "/v1/models")  # still answers while the model loads
+    assert models.status_code == 200 and models.json()["data"][0]["max_model_len"] is None
+    r = post(server, "/v1/chat/completions", CHAT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
     server.engine.knobs.ready = True
+    assert http().get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == server.engine.max_model_len
     assert http().get(server.url + "/ready").json() == {"status": "ready"}
 
 
