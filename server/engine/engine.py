@@ -272,11 +272,12 @@ class LLMEngine:
         and stats."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, plist):
-            self.add_request(rid, prompt, p)
+        pending = list(zip(ids, prompts, plist))[::-1]
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
+            while pending and len(self.scheduler.waiting) < self.config.max_waiting:  # never overfill the queue
+                self.add_request(*pending.pop())
             for out in self.step():
                 tokens[out.request_id].extend(out.new_token_ids)
                 if out.finished:

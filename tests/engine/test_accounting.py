@@ -115,3 +115,16 @@ def test_cached_prompt_tokens_are_not_recomputed() -> None:
     cached = again.cached_prompt_tokens
     assert cached == (len(prompt) - 1) // 4 * 4
     assert again.forward_passes["prefill"] == math.ceil((len(prompt) - cached) / 8)
+
+
+def test_offline_generate_takes_more_prompts_than_the_waiting_queue_holds() -> None:
+    from server.config import EngineConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.params import DecodeParams, RequestParams, SamplingParams
+    from server.model.tiny import random_model, tiny_nld_config
+
+    eng = LLMEngine(random_model(tiny_nld_config(), seed=2), EngineConfig(model="tiny", kv_cache_tokens=2048, max_model_len=64, max_waiting=3))
+    prompts = [[5, 6, 7 + i] for i in range(10)]
+    outs = eng.generate(prompts, RequestParams(SamplingParams(max_tokens=2, temperature=0), DecodeParams()))
+    assert len(outs) == 10 and all(len(o["token_ids"]) >= 1 or o["finish_reason"] == "stop" for o in outs)
+    assert eng.kv.num_free_pages == eng.kv.num_pages
