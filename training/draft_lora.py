@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         step += 1
         if step % 20 == 0:
-            print(json.dumps({"step": step, "loss": round(float(loss), 4), "elapsed_s": round(time.time() - t0)}), flush=True)
+            print(json.dumps({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0)}), flush=True)
     out = Path(args.out) if args.out else Path(args.model) / "linear_spec_lora"
     save_adapter(model, out, args.rank, args.alpha)
     print(f"adapter written to {out} after {step} steps", flush=True)
