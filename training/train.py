@@ -205,26 +205,21 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     mtok = lambda rs: [r["tokens"] / 1e6 for r in rs]  # noqa: E731
-    axes[0].plot(mtok(train), [r["ar_loss"] for r in train], label="train AR CE", alpha=0.6)
-    if evals:
-        axes[0].plot(mtok(evals), [r["ar_ce"] for r in evals], "o-", label="held-out AR CE")
-    if finals:
-        axes[0].plot(final_x, [r["ar_ce"] for r in finals], "*", ms=14, color="C3",
-                     label="exported weights, all held-out")
-    axes[0].set_xlabel("training tokens (M, clean stream)")
-    axes[0].set_ylabel("nats / token")
-    axes[0].set_title("autoregressive (next-token) loss")
-    axes[0].legend()
-    axes[1].plot(mtok(train), [r["masked_ce"] for r in train], label="train masked-token CE", alpha=0.6)
-    if evals:
-        axes[1].plot(mtok(evals), [r["masked_ce"] for r in evals], "o-", label="held-out masked-token CE (block 32)")
-    if finals:
-        axes[1].plot(final_x, [r["masked_ce"] for r in finals], "*", ms=14, color="C3",
-                     label="exported weights, all held-out")
-    axes[1].set_xlabel("training tokens (M, clean stream)")
-    axes[1].set_ylabel("nats / masked token")
-    axes[1].set_title("diffusion (masked-token) loss, t ~ U(eps, 1)")
-    axes[1].legend()
+    panels = (
+        ("ar_loss", "ar_ce", "train AR CE", "held-out AR CE", "nats / token", "autoregressive (next-token) loss"),
+        ("masked_ce", "masked_ce", "train masked-token CE", "held-out masked-token CE (block 32)", "nats / masked token",
+         "diffusion (masked-token) loss, t ~ U(eps, 1)"),
+    )
+    for ax, (train_key, eval_key, train_label, eval_label, ylabel, panel_title) in zip(axes, panels):
+        ax.plot(mtok(train), [r[train_key] for r in train], label=train_label, alpha=0.6)
+        if evals:
+            ax.plot(mtok(evals), [r[eval_key] for r in evals], "o-", label=eval_label)
+        if finals:
+            ax.plot(final_x, [r[eval_key] for r in finals], "*", ms=14, color="C3", label="exported weights, all held-out")
+        ax.set_xlabel("training tokens (M, clean stream)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     if title:
