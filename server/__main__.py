@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from server.config import DEFAULT_MODEL_DIR, EngineConfig
+from server.engine.modes import mode_names
+from server.engine.params import POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +23,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--default-mode", default="ar", choices=["ar", "diffusion", "self_spec"])
+    p.add_argument("--default-mode", default="ar", choices=mode_names())
     p.add_argument("--default-refine-steps", type=int, default=None)
 
 
@@ -55,11 +57,11 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mode", default=None, choices=["ar", "diffusion", "self_spec"])
+    p.add_argument("--mode", default=None, choices=mode_names())
     p.add_argument("--refine-steps", type=int, default=None)
     p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--policy", default="threshold", choices=["threshold", "low_confidence", "leftmost"])
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--policy", default=None, choices=POLICIES)
     p.add_argument("--draft-length", type=int, default=None)
     args = p.parse_args(argv)
     try:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.engine.modes import get_mode
+from server.engine.params import check_knob
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
@@ -36,10 +39,9 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1")
-        if self.default_mode not in ("ar", "diffusion", "self_spec"):
-            raise ValueError(f"unknown default mode {self.default_mode!r}")
-        if self.default_refine_steps is not None and self.default_refine_steps < 1:
-            raise ValueError("default_refine_steps must be >= 1")
+        get_mode(self.default_mode)
+        if self.default_refine_steps is not None:
+            check_knob("refine_steps", self.default_refine_steps)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device {self.device!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

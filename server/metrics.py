@@ -3,7 +3,7 @@
 Names follow vLLM's (``vllm:time_to_first_token_seconds`` ->
 ``nld_time_to_first_token_seconds``) with the namespace ``nld`` and an underscore instead
 of vLLM's colon (promtool rejects colons outside recording rules). Every per-request
-metric carries the labels ``mode`` (ar | diffusion | self_spec) and ``model``; the
+metric carries the labels ``mode`` (a registered mode's name) and ``model``; the
 engine-wide gauges and the prefix-cache counters carry ``model`` only.
 
 The engine thread calls the ``on_*`` methods; prometheus_client is thread-safe, so the
@@ -16,10 +16,10 @@ from typing import Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from server.engine.outputs import FORWARD_KINDS, RequestStats
+from server.engine.modes import all_modes
+from server.engine.outputs import RequestStats
 
 NAMESPACE = "nld"
-MODES: tuple[str, ...] = ("ar", "diffusion", "self_spec")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -62,7 +62,8 @@ def _name(suffix: str) -> str:
 
 
 class Metrics:
-    """All metrics of one served model, in their own registry unless one is given."""
+    """All metrics of one served model, in their own registry unless one is given.
+    Implements ``server.engine.metrics_sink.MetricsSink``."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.model_name = model_name
@@ -154,7 +155,8 @@ class Metrics:
         for g in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                   self.scheduler_step_duration_seconds, self.prefix_cache_queries, self.prefix_cache_hits):
             g.labels(model=m)
-        for mode in MODES:
+        for mode_obj in all_modes():
+            mode = mode_obj.name
             for c in (self.prompt_tokens, self.prompt_tokens_cached, self.generation_tokens,
                       self.num_aborted_requests, self.num_preemptions):
                 c.labels(mode=mode, model=m)
@@ -164,8 +166,8 @@ class Metrics:
                       self.request_time_per_output_token_seconds, self.e2e_request_latency_seconds,
                       self.request_tokens_per_forward):
                 h.labels(mode=mode, model=m)
-        self.spec_decode_acceptance_length.labels(mode="self_spec", model=m)
-        self.diffusion_denoising_steps_per_block.labels(mode="diffusion", model=m)
+            for name in mode_obj.metric_histograms:
+                getattr(self, name).labels(mode=mode, model=m)
 
     @staticmethod
     def _observe_all(hist, values: Iterable[float]) -> None:
@@ -256,4 +258,4 @@ class Metrics:
         return sorted(names)
 
 
-__all__ = ["Metrics", "CONTENT_TYPE", "FORWARD_KINDS", "MODES", "FINISH_REASONS"]
+__all__ = ["Metrics", "CONTENT_TYPE", "FINISH_REASONS"]

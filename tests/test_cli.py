@@ -20,7 +20,8 @@ def run_generate(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
 def test_generate_prints_json_per_mode(mode: str) -> None:
-    proc = run_generate("--prompt", "To be, or not to be", "--max-tokens", "12", "--mode", mode, "--block-length", "8")
+    block = ("--block-length", "8") if mode != "ar" else ()  # ar honours no block length
+    proc = run_generate("--prompt", "To be, or not to be", "--max-tokens", "12", "--mode", mode, *block)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["mode"] == mode
@@ -31,6 +32,12 @@ def test_generate_prints_json_per_mode(mode: str) -> None:
         assert out["acceptance_lengths"] and out["forward_passes_by_kind"]["draft"] == len(out["acceptance_lengths"])
     if mode == "diffusion":
         assert out["denoise_steps_per_block"]
+
+
+def test_generate_refuses_a_field_the_mode_does_not_honour() -> None:
+    proc = run_generate("--prompt", "hi", "--max-tokens", "2", "--mode", "ar", "--block-length", "8")
+    assert proc.returncode == 2
+    assert "'block_length' is not supported in mode 'ar'" in json.loads(proc.stderr.strip().splitlines()[-1])["error"]
 
 
 def test_generate_is_deterministic_with_seed() -> None:

@@ -131,7 +131,6 @@ def create_app(
     served_model_names: list[str],
     api_key: str | None,
     default_mode: str,
-    default_refine_steps: int | None,
     max_body_bytes: int,
     metrics_registry: prometheus_client.CollectorRegistry | None = None,
     version: str,
@@ -141,15 +140,14 @@ def create_app(
     """Build the OpenAI-compatible app serving ``engine``.
 
     ``served_model_names`` are the names a request's ``model`` may use (the engine's
-    ``model_name`` when empty); ``api_key`` guards ``/v1/*`` when set; ``default_mode`` /
-    ``default_refine_steps`` apply when a request gives none; ``keepalive_s`` is the SSE
+    ``model_name`` when empty); ``api_key`` guards ``/v1/*`` when set; ``default_mode``
+    applies when a request gives none (knob defaults are the engine's); ``keepalive_s`` is the SSE
     keep-alive interval; ``default_max_tokens`` caps the default completion budget.
     """
     settings = ServerSettings(
         served_model_names=tuple(served_model_names or [engine.model_name]),
         api_key=api_key or None,
         default_mode=default_mode,
-        default_refine_steps=default_refine_steps,
         max_body_bytes=max_body_bytes,
         version=version,
         keepalive_s=keepalive_s,

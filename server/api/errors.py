@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.client import EngineDeadError, QueueFullError
+from server.engine.params import ParamError
 
 logger = logging.getLogger("server.api")
 
@@ -70,41 +71,14 @@ def internal_error(message: str = "The server had an internal error while proces
     return APIError(500, message, type="internal_server_error", code="internal_error")
 
 
-# Names the engine's ValueError messages start with / mention, mapped to request fields.
-_VALUE_ERROR_PARAMS: tuple[tuple[str, str], ...] = (
-    ("unmasking policy", "policy"),
-    ("unknown mode", "mode"),
-    ("max_tokens", "max_tokens"),
-    ("temperature", "temperature"),
-    ("top_p", "top_p"),
-    ("top_k", "top_k"),
-    ("logprobs", "logprobs"),
-    ("seed", "seed"),
-    ("refine_steps", "refine_steps"),
-    ("block_length", "block_length"),
-    ("draft_length", "draft_length"),
-    ("threshold", "threshold"),
-)
-
-
-def param_of_value_error(message: str) -> str | None:
-    """The request field a parameter ``ValueError`` message is about (the first one named)."""
-    best: tuple[int, str] | None = None
-    for needle, param in _VALUE_ERROR_PARAMS:
-        match = re.search(rf"\b{re.escape(needle)}\b", message)
-        if match and (best is None or match.start() < best[0]):
-            best = (match.start(), param)
-    return best[1] if best else None
-
-
 def from_engine_exception(exc: BaseException) -> APIError:
     """Map an exception raised while submitting to / streaming from the engine."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
         return service_unavailable(str(exc) or "The request queue is full; retry later.", code="queue_full")
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc), param=param_of_value_error(str(exc)))
+    if isinstance(exc, ValueError):  # ParamError names the field; other bad input names none
+        return bad_request(str(exc), param=exc.param if isinstance(exc, ParamError) else None)
     if isinstance(exc, EngineOutputError):
         logger.error("engine reported a failure: %s", exc)
         return APIError(500, f"The engine failed to generate: {exc}", type="internal_server_error", code="engine_error")

@@ -5,7 +5,8 @@ unknown fields are kept aside in ``model_extra`` and otherwise ignored: OpenAI c
 fields we never heard of. Our extensions (``mode``, ``refine_steps`` ...) are top-level
 fields, which is where the openai client's ``extra_body`` puts them.
 
-Whether a mode can honour a field is not decided here (see ``sampling.py``).
+Which modes exist and which fields each honours is not decided here: the engine's mode
+registry (``server/engine/modes``) decides, so ``mode`` is a plain string here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ MAX_STOP_STRINGS = 4
 MAX_N = 16
 MAX_LOGPROBS = 20
 
-ModeName = Literal["ar", "diffusion", "self_spec"]
 PolicyName = Literal["threshold", "low_confidence", "leftmost"]
 FinishReasonName = Literal["stop", "length"]
 
@@ -81,7 +81,7 @@ class _GenerationRequest(_RequestModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # --- extensions (top level; the openai client sends them through ``extra_body``)
-    mode: Optional[ModeName] = Field(None, description="decoding mode; the server default when absent")
+    mode: Optional[str] = Field(None, description="decoding mode (ar, diffusion, self_spec, ...); the server default when absent")
     refine_steps: Optional[PositiveInt] = Field(None, description="diffusion: denoising steps per block")
     block_length: Optional[PositiveInt] = Field(None, description="diffusion / self_spec: block length")
     threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="diffusion: unmasking confidence threshold")

@@ -1,9 +1,10 @@
 """From a validated request to engine ``RequestParams``.
 
-Every option must be honoured or refused: a field the chosen mode cannot use is a 400
-naming that field, and so is an OpenAI field this server does not implement. Range checks
-are the engine's own (``server/engine/params.py``), whose ``ValueError`` is mapped to the
-field it names.
+Every option must be honoured or refused: an OpenAI field this server does not implement
+is a 400 naming that field. Range checks are the engine's own (``server/engine/params.py``);
+whether the chosen mode honours a field, and the defaults of the fields left out, are
+decided once, when the engine resolves the request (``server/engine/modes/registry.py``).
+Both raise ``ParamError``, which names the field.
 """
 
 from __future__ import annotations
@@ -11,20 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.api.errors import bad_request, param_of_value_error
+from server.api.errors import bad_request
 from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
-from server.engine.params import DecodeParams, RequestParams, SamplingParams
-
-# Which modes may set each mode-specific field.
-MODE_FIELDS: dict[str, tuple[str, ...]] = {
-    "refine_steps": ("diffusion",),
-    "threshold": ("diffusion",),
-    "policy": ("diffusion",),
-    "block_length": ("diffusion", "self_spec"),
-    "draft_length": ("self_spec",),
-    "logprobs": ("ar",),
-    "top_logprobs": ("ar",),
-}
+from server.engine.modes import get_mode
+from server.engine.params import DecodeParams, ParamError, RequestParams, SamplingParams
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
@@ -58,27 +49,12 @@ class GenerationOptions:
     echo: bool
 
 
-def _is_set(request: GenerationRequest, name: str) -> bool:
-    value = getattr(request, name, None)
-    if name == "logprobs" and isinstance(request, ChatCompletionRequest):
-        return bool(value)
-    return value is not None
-
-
 def _check_unsupported(request: GenerationRequest) -> None:
     extra = request.model_extra or {}
     for name, neutral in UNSUPPORTED_FIELDS.items():
         value = extra.get(name)
         if value is not None and not any(value == v for v in neutral):
             raise bad_request(f"'{name}' is not supported by this server.", param=name)
-
-
-def _check_mode_fields(request: GenerationRequest, mode: str) -> None:
-    for name, modes in MODE_FIELDS.items():
-        if mode not in modes and _is_set(request, name):
-            raise bad_request(
-                f"'{name}' is not supported in mode '{mode}' (only in: {', '.join(modes)}).", param=name
-            )
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -103,23 +79,17 @@ def build_options(
     *,
     max_tokens: int,
     default_mode: str,
-    default_refine_steps: int | None,
-    block_size: int,
-    max_model_len: int,
 ) -> GenerationOptions:
-    """Check the request against its mode and build the engine parameters (400 on refusal)."""
+    """Check the request and build the engine parameters (400 on refusal)."""
     _check_unsupported(request)
     mode = request.mode or default_mode
-    _check_mode_fields(request, mode)
     stops = _stop_strings(request.stop)
     logprobs = _logprobs_count(request)
     echo = bool(getattr(request, "echo", None))
     if echo and logprobs is not None:
         raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs).", param="echo")
-    refine_steps = request.refine_steps
-    if refine_steps is None and mode == "diffusion":
-        refine_steps = default_refine_steps
     try:
+        get_mode(mode)
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -129,22 +99,18 @@ def build_options(
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
         )
-        decode_kwargs: dict[str, Any] = {
-            "mode": mode,
-            "refine_steps": refine_steps,
-            "block_length": request.block_length,
-            "draft_length": request.draft_length,
-        }
-        if request.threshold is not None:
-            decode_kwargs["threshold"] = request.threshold
-        if request.policy is not None:
-            decode_kwargs["policy"] = request.policy
-        decode = DecodeParams(**decode_kwargs)
-        decode.resolved(block_size, max_model_len)  # length checks against the checkpoint
-    except ValueError as exc:
-        param = param_of_value_error(str(exc))
+        decode = DecodeParams(
+            mode=mode,
+            refine_steps=request.refine_steps,
+            block_length=request.block_length,
+            threshold=request.threshold,
+            policy=request.policy,
+            draft_length=request.draft_length,
+        )
+    except ParamError as exc:
+        param = exc.param
         if param == "logprobs" and isinstance(request, ChatCompletionRequest):
-            param = "top_logprobs"
+            param = "top_logprobs"  # the chat field that carries the count
         raise bad_request(str(exc), param=param) from exc
     stream_options = request.stream_options
     if stream_options is not None and not request.stream:

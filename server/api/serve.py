@@ -72,7 +72,6 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
         served_model_names=served_model_names,
         api_key=args.api_key,
         default_mode=config.default_mode,
-        default_refine_steps=config.default_refine_steps,
         max_body_bytes=args.max_body_bytes,
         metrics_registry=metrics.registry,
         version=__version__,

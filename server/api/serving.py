@@ -107,9 +107,6 @@ def _plan(request: GenerationRequest, engine: EngineClient, settings: ServerSett
                 requested, len(p.token_ids), engine.max_model_len, settings.default_max_tokens, prompt_param
             ),
             default_mode=settings.default_mode,
-            default_refine_steps=settings.default_refine_steps,
-            block_size=engine.block_size,
-            max_model_len=engine.max_model_len,
         )
         for p in prompts
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.params import MODES
+from server.engine.modes import get_mode
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,6 @@ class ServerSettings:
     served_model_names: tuple[str, ...]
     api_key: str | None
     default_mode: str
-    default_refine_steps: int | None
     max_body_bytes: int
     version: str
     keepalive_s: float = 10.0  # SSE keep-alive comment interval while waiting for output
@@ -22,10 +21,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("at least one served model name is required")
-        if self.default_mode not in MODES:
-            raise ValueError(f"unknown default mode {self.default_mode!r}; expected one of {', '.join(MODES)}")
-        if self.default_refine_steps is not None and self.default_refine_steps < 1:
-            raise ValueError(f"default_refine_steps must be >= 1, got {self.default_refine_steps}")
+        get_mode(self.default_mode)  # ParamError (a ValueError) naming the known modes
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.keepalive_s <= 0:

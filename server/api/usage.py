@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from server.api.protocol import UsageInfo
+from server.engine.modes import get_mode
 from server.engine.outputs import RequestStats
 
 
@@ -15,7 +16,7 @@ def build_usage(
 
     ``prompt_tokens`` counts each distinct prompt once (OpenAI counts the prompt once for
     ``n`` choices). ``tokens_per_forward`` = completion tokens / forward passes, over the
-    choices that reported statistics; ``mean_acceptance_length`` is given in self_spec mode.
+    choices that reported statistics; the mode adds its own fields (``usage_extras``).
     """
     completions = list(completion_tokens)
     reported = [s for s in stats if s is not None]
@@ -35,7 +36,6 @@ def build_usage(
     usage.forward_passes = passes
     usage.forward_passes_by_kind = by_kind
     usage.tokens_per_forward = total_completion / passes if passes else 0.0
-    if mode == "self_spec":
-        lengths = [a for s in reported for a in s.acceptance_lengths]
-        usage.mean_acceptance_length = sum(lengths) / len(lengths) if lengths else 0.0
+    for name, value in get_mode(mode).usage_extras(reported).items():
+        setattr(usage, name, value)
     return usage

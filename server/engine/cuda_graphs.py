@@ -18,14 +18,11 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.runner import BatchMetadata, HostBatch, PagedAttention
-
-if TYPE_CHECKING:
-    from server.engine.runner import ModelRunner
+from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
+from server.model.model import DecoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +41,26 @@ class StaticBuffers:
 
 
 class GraphRunner:
-    def __init__(self, runner: "ModelRunner", batch_sizes: tuple[int, ...], query_lens: tuple[int, ...], capture: bool) -> None:
-        self.runner = runner
+    """Replays uniform batches from graphs captured per (batch bucket, query length).
+
+    Invariants (see the module docstring): a graph's inputs are its static buffers, fully
+    rewritten by ``_fill`` before each replay; padded rows have slot -1 and an empty prefix,
+    so they never touch the cache; ``try_run`` returns exactly the real rows' hidden states."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv: KVTensors,
+        device: torch.device,
+        max_pages_per_seq: int,
+        batch_sizes: tuple[int, ...],
+        query_lens: tuple[int, ...],
+        capture: bool,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.max_pages_per_seq = max_pages_per_seq
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.query_lens = tuple(sorted(set(query_lens)))
         self.capture = capture
@@ -59,13 +74,13 @@ class GraphRunner:
         q = hb.query_lens[0]
         if q not in self.query_lens or any(n != q for n in hb.query_lens):
             return None
-        if any(len(t) > self.runner.max_pages_per_seq for t in hb.tables):
+        if any(len(t) > self.max_pages_per_seq for t in hb.tables):
             return None
         i = bisect.bisect_left(self.batch_sizes, len(hb.query_lens))
         return (self.batch_sizes[i], q) if i < len(self.batch_sizes) else None
 
     def _alloc(self, b: int, q: int) -> StaticBuffers:
-        dev = self.runner.device
+        dev = self.device
         n = b * q
         return StaticBuffers(
             input_ids=torch.zeros(n, dtype=torch.int64, device=dev),
@@ -75,22 +90,18 @@ class GraphRunner:
             context_lens=torch.zeros(b, dtype=torch.int32, device=dev),
             query_start_loc=torch.arange(0, n + 1, q, dtype=torch.int32, device=dev),
             causal=torch.ones(b, dtype=torch.bool, device=dev),
-            block_tables=torch.zeros((b, self.runner.max_pages_per_seq), dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((b, self.max_pages_per_seq), dtype=torch.int32, device=dev),
         )
 
     def _forward(self, buf: StaticBuffers, q: int) -> torch.Tensor:
-        r = self.runner
         meta = BatchMetadata(buf.slots, buf.block_tables, buf.context_lens, buf.query_start_loc, buf.causal, q)
-        lora = buf.lora if r.model.has_draft_lora else None
-        return r.model(buf.input_ids, buf.positions, PagedAttention(r.k_cache, r.v_cache, meta, r.scale), lora)
+        lora = buf.lora if self.model.has_draft_lora else None
+        return self.model(buf.input_ids, buf.positions, self.kv.context(meta), lora)
 
     def _fill(self, buf: StaticBuffers, hb: HostBatch, b: int, q: int) -> None:
         real = len(hb.query_lens)
         pad_tokens = (b - real) * q
-        tables = torch.zeros((b, self.runner.max_pages_per_seq), dtype=torch.int32)
-        for s, t in enumerate(hb.tables):
-            if t:
-                tables[s, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = padded_tables(hb.tables, b, self.max_pages_per_seq)
         host = {
             "input_ids": torch.tensor(hb.input_ids + [0] * pad_tokens, dtype=torch.int64),
             "positions": torch.tensor(hb.positions + list(range(q)) * (b - real), dtype=torch.int64),

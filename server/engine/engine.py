@@ -9,7 +9,6 @@ import json
 import logging
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import torch
 from server.config import EngineConfig
 from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
-from server.engine.modes import make_mode
-from server.engine.modes.base import DecodeMode
+from server.engine.metrics_sink import MetricsSink, NullMetrics
+from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
 from server.engine.outputs import FinishReason, RequestOutput
-from server.engine.params import RequestParams
+from server.engine.params import RequestParams, ResolveContext, ResolvedParams
 from server.engine.request import Request
 from server.engine.runner import ModelRunner
 from server.engine.sampler import select_tokens
@@ -51,15 +50,18 @@ def end_of_turn_ids(tokenizer: Any, model_dir: str) -> frozenset[int]:
     return frozenset(ids)
 
 
-class NullMetrics:
-    """Metrics sink that records nothing (the engine's default)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
 class LLMEngine:
-    def __init__(self, model: DecoderModel, config: EngineConfig, tokenizer: Any = None, metrics: Any = None) -> None:
+    """The synchronous engine over one model.
+
+    Invariants: every live request is in ``requests`` and in exactly one of the scheduler's
+    queues; its params were resolved once, by ``resolve_params``, on admission; a request
+    leaves ``requests`` exactly when its final output (``finished=True``) is produced, and
+    its KV pages are freed by then. Not thread-safe: one thread (``AsyncEngine``'s) drives it.
+    """
+
+    def __init__(
+        self, model: DecoderModel, config: EngineConfig, tokenizer: Any = None, metrics: MetricsSink | None = None
+    ) -> None:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -78,12 +80,16 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}"
             )
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
-        modes: dict[str, DecodeMode] = {"ar": make_mode("ar", mc.mask_token_id)}
-        if mc.is_diffusion:
-            modes["diffusion"] = make_mode("diffusion", mc.mask_token_id)
-            modes["self_spec"] = make_mode("self_spec", mc.mask_token_id)
+        self.param_context = ResolveContext(
+            block_size=mc.block_size,
+            max_model_len=self.max_model_len,
+            max_pass_tokens=config.max_num_batched_tokens,
+            mask_token_id=mc.mask_token_id if mc.is_diffusion else None,
+            server_defaults={} if config.default_refine_steps is None else {"refine_steps": config.default_refine_steps},
+            model_defaults=load_model_defaults(config.model),
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv, modes
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
         )
         graphs = self.device.type == "cuda" and config.use_cuda_graphs
         buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= config.max_num_seqs)
@@ -106,7 +112,7 @@ class LLMEngine:
         self.last_step_duration = 0.0
 
     @classmethod
-    def from_pretrained(cls, config: EngineConfig, metrics: Any = None) -> "LLMEngine":
+    def from_pretrained(cls, config: EngineConfig, metrics: MetricsSink | None = None) -> "LLMEngine":
         from server.model.loader import load_tokenizer
 
         device = resolve_device(config.device)
@@ -129,23 +135,12 @@ class LLMEngine:
         return max(2 * self.max_model_len, min(65536, (1 << 30) // bytes_per_token))
 
     # ------------------------------------------------------------ requests
-    def resolve_params(self, params: RequestParams) -> RequestParams:
-        """Fill mode defaults from the checkpoint; raise ValueError for what cannot run."""
-        decode = params.decode
-        if decode.mode != "ar" and not self.model_config.is_diffusion:
-            raise ValueError(f"mode {decode.mode!r} needs a diffusion checkpoint; this model serves only 'ar'")
-        if decode.mode == "diffusion" and decode.refine_steps is None and self.config.default_refine_steps is not None:
-            decode = replace(decode, refine_steps=self.config.default_refine_steps)
-        decode = decode.resolved(self.model_config.block_size, self.max_model_len)
-        work_len = {"ar": 1, "diffusion": decode.block_length, "self_spec": (decode.draft_length or 0) + 1}[decode.mode]
-        if work_len > self.config.max_num_batched_tokens:
-            raise ValueError(
-                f"a {decode.mode} pass of {work_len} tokens exceeds the per-step token budget "
-                f"({self.config.max_num_batched_tokens})"
-            )
-        return RequestParams(sampling=params.sampling, decode=decode)
+    def resolve_params(self, params: RequestParams) -> ResolvedParams:
+        """Fill every decoding default and check the request against this model (ParamError)."""
+        return ResolvedParams(params.sampling, resolve_decode(params.decode, params.sampling, self.param_context))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams) -> Request:
+        """Admit a request (ValueError / ParamError for bad input, QueueFullError when full)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -157,23 +152,24 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
             )
-        params = self.resolve_params(params)
-        s = params.sampling
+        resolved = self.resolve_params(params)
+        s = resolved.sampling
         stop = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_ids))
         req = Request(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
-            params=params,
+            params=resolved,
             seed=s.seed if s.seed is not None else random.getrandbits(63),
             stop_ids=frozenset(stop),
             max_model_len=self.max_model_len,
             arrival_order=next(self._arrivals),
         )
         req.stats.model = self.config.model
+        req.stats.forward_passes = dict.fromkeys(work_kind_names(), 0)
         try:
             self.scheduler.add(req)
         except QueueFullError:
-            self.metrics.on_queue_rejected(params.decode.mode)
+            self.metrics.on_queue_rejected(resolved.decode.mode)
             raise
         self.requests[request_id] = req
         return req
@@ -208,7 +204,7 @@ class LLMEngine:
             logits = self.runner.run(batch)
             specs, owners = [], []
             for (req, work), lg in zip(batch, logits):
-                row_specs = self.scheduler.mode_of(req).row_specs(req, work)
+                row_specs = get_mode(req.params.decode.mode).row_specs(req, work)
                 assert len(row_specs) == lg.shape[0]
                 specs.extend(row_specs)
                 owners.append(len(row_specs))
@@ -218,13 +214,13 @@ class LLMEngine:
             start = 0
             for (req, work), lg, n in zip(batch, logits, owners):
                 stats = req.stats
-                stats.forward_passes[work.kind] += 1
+                stats.forward_passes[work.kind.name] += 1
                 if stats.first_scheduled_time is None:
                     stats.first_scheduled_time = t0
-                self.scheduler.mode_of(req).apply(req, work, results[start : start + n], lg)
+                mode = get_mode(req.params.decode.mode)
+                mode.apply(req, work, results[start : start + n], lg)
+                mode.after_pass(req, work, self.kv)
                 start += n
-                if work.kind == "verify":
-                    self.kv.truncate(req.table, req.num_computed)
                 if work.writes_kv:
                     self.kv.cache_full_pages(req.table, req.token_ids, req.num_computed)
                 if stats.prefill_done_time is None and req.num_computed >= req.num_prompt:

@@ -6,19 +6,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-FORWARD_KINDS: tuple[str, ...] = ("prefill", "decode", "denoise", "commit", "draft", "verify")
 
 
 @dataclass
 class RequestStats:
     """Accounting for one request. Every forward pass the request took part in is counted
-    once, by kind; TPF = emitted tokens / all forward passes (every kind counted)."""
+    once, by kind (the engine starts every registered work kind at 0); TPF = emitted tokens /
+    all forward passes (every kind counted)."""
 
     mode: str = "ar"
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
-    forward_passes: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FORWARD_KINDS})
+    forward_passes: dict[str, int] = field(default_factory=dict)
     acceptance_lengths: list[int] = field(default_factory=list)  # self_spec: accepted + bonus per cycle
     denoise_steps_per_block: list[int] = field(default_factory=list)  # diffusion
     preemptions: int = 0

@@ -1,19 +1,33 @@
-"""Per-request parameters: how to sample and how to decode.
+"""Per-request parameters: what a request asks for, and what the engine runs with.
 
-Every value a user can set is validated here and rejected with ``ValueError``
-(the HTTP layer turns that into a 400). Engine code may assume validated params.
+``RequestParams`` is what a caller asks: ``SamplingParams`` plus a ``DecodeParams`` whose
+mode knobs are ``None`` when not given. ``LLMEngine.resolve_params`` turns it, once, at the
+edge of the engine, into ``ResolvedParams``: frozen, every knob filled (see
+``server.engine.modes.registry.resolve_decode`` for the order of defaults). Every check of a
+user value raises ``ParamError``, which names the parameter so the HTTP layer can fill the
+OpenAI ``param`` field; each rule is written once, here or in the mode that owns it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal
 
-Mode = Literal["ar", "diffusion", "self_spec"]
 UnmaskPolicy = Literal["threshold", "low_confidence", "leftmost"]
-
-MODES: tuple[str, ...] = ("ar", "diffusion", "self_spec")
 POLICIES: tuple[str, ...] = ("threshold", "low_confidence", "leftmost")
+
+
+class ParamError(ValueError):
+    """A request parameter that cannot be honoured. ``param`` is the request field's name
+    (None when no single field is to blame)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -35,65 +49,89 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token (0 = only the chosen one)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
+            raise ParamError("temperature", f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+            raise ParamError("top_k", f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs!r}")
+            raise ParamError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+            raise ParamError("seed", f"seed must be in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+# --------------------------------------------------------------------------- decode knobs
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ParamError(name, f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _unit_interval(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ParamError(name, f"{name} must be in (0, 1], got {value!r}")
+
+
+def _policy(name: str, value: Any) -> None:
+    if value not in POLICIES:
+        raise ParamError(name, f"unknown unmasking policy {value!r}; expected one of {', '.join(POLICIES)}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ParamError(name, f"{name} must be true or false, got {value!r}")
+
+
+# The one range rule of each decode knob, whoever supplies the value (a request, a server
+# setting, a model's generation_config.json). Which mode honours which knob is the mode's.
+KNOB_RULES: dict[str, Callable[[str, Any], None]] = {
+    "block_length": _positive_int,
+    "refine_steps": _positive_int,
+    "draft_length": _positive_int,
+    "threshold": _unit_interval,
+    "policy": _policy,
+    "seed_first_position": _boolean,
+}
+
+
+def check_knob(name: str, value: Any) -> None:
+    """Raise ParamError unless ``value`` is valid for the decode knob ``name``."""
+    rule = KNOB_RULES.get(name)
+    if rule is None:
+        raise ParamError(name, f"unknown decoding parameter {name!r}")
+    rule(name, value)
+
+
 @dataclass(frozen=True)
 class DecodeParams:
-    """How the sequence is decoded: the mode and its knobs.
+    """The decoding a request asks for: the mode and the knobs it sets (None = not set).
 
-    ``block_length``/``refine_steps``/``draft_length`` of ``None`` are resolved
-    against the checkpoint by :meth:`resolved` (block = config ``block_size``,
-    refine steps = block length, draft length = block length - 1).
-    """
+    Knob values are range-checked here (``KNOB_RULES``); whether the mode honours a knob, and
+    its default, are decided when the engine resolves the request."""
 
-    mode: Mode = "ar"
+    mode: str = "ar"
     refine_steps: int | None = None
     block_length: int | None = None
-    threshold: float = 0.9
-    policy: UnmaskPolicy = "threshold"
+    threshold: float | None = None
+    policy: UnmaskPolicy | None = None
     draft_length: int | None = None
-    seed_first_position: bool = True  # diffusion: canvas[0] = causal prediction (HF behaviour)
+    seed_first_position: bool | None = None  # diffusion: canvas[0] = causal prediction (HF behaviour)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown unmasking policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
-        if self.refine_steps is not None and (not isinstance(self.refine_steps, int) or self.refine_steps < 1):
-            raise ValueError(f"refine_steps must be an integer >= 1, got {self.refine_steps!r}")
-        if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length < 1):
-            raise ValueError(f"block_length must be an integer >= 1, got {self.block_length!r}")
-        if self.draft_length is not None and (not isinstance(self.draft_length, int) or self.draft_length < 1):
-            raise ValueError(f"draft_length must be an integer >= 1, got {self.draft_length!r}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        for name, value in self.knobs().items():
+            check_knob(name, value)
 
-    def resolved(self, default_block: int, max_model_len: int) -> "DecodeParams":
-        """Fill the defaults from the checkpoint and check lengths against the context."""
-        block = self.block_length if self.block_length is not None else default_block
-        if block > max_model_len:
-            raise ValueError(f"block_length {block} is larger than the context length {max_model_len}")
-        draft = self.draft_length if self.draft_length is not None else max(1, block - 1)
-        if draft + 1 > max_model_len:
-            raise ValueError(f"draft_length {draft} does not fit the context length {max_model_len}")
-        steps = self.refine_steps if self.refine_steps is not None else block
-        return replace(self, block_length=block, draft_length=draft, refine_steps=steps)
+    def knobs(self) -> dict[str, Any]:
+        """The knobs this request sets."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mode" and getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -102,3 +140,34 @@ class RequestParams:
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
     decode: DecodeParams = field(default_factory=DecodeParams)
+
+
+@dataclass(frozen=True)
+class ModeParams:
+    """Base of each mode's resolved knobs (every field set; subclasses add the mode's own)."""
+
+    mode: str
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """What a request runs with: sampling as asked, decoding with every default filled."""
+
+    sampling: SamplingParams
+    decode: ModeParams
+
+
+@dataclass(frozen=True)
+class ResolveContext:
+    """What resolution needs to know about the served model and the server.
+
+    ``server_defaults``: knob -> value set by the operator (e.g. ``--default-refine-steps``),
+    used by every mode that honours the knob; ``model_defaults``: mode -> knob -> value from
+    the model folder's ``generation_config.json`` (``nld_decoding``)."""
+
+    block_size: int
+    max_model_len: int
+    max_pass_tokens: int  # the per-step token budget: no single pass may exceed it
+    mask_token_id: int | None  # None: not a diffusion checkpoint (only causal modes run)
+    server_defaults: dict[str, Any] = field(default_factory=dict)
+    model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)

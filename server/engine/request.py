@@ -1,17 +1,14 @@
-"""A request's state inside the engine, and the unit of work it contributes to a forward pass."""
+"""A request's state inside the engine."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from server.engine.kv_cache import PageTable
 from server.engine.outputs import FinishReason, RequestStats, TokenLogprob
-from server.engine.params import RequestParams
-
-FORWARD_KIND_WRITES = {"prefill": True, "decode": True, "commit": True, "verify": True, "denoise": False, "draft": False}
+from server.engine.params import ResolvedParams
 
 
 class Status(enum.Enum):
@@ -20,28 +17,8 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
-class Work:
-    """One request's share of a forward pass.
-
-    Its tokens sit at positions ``start .. start + len(token_ids) - 1`` where ``start`` is the
-    request's ``num_computed`` (every kind of pass starts right after the cached prefix).
-    ``causal`` False means bidirectional within the segment. K/V are written to the cache
-    only when ``writes_kv``; ``logit_rows`` lists the segment rows whose logits are needed.
-    ``lora`` selects the draft-only adapter."""
-
-    kind: str
-    token_ids: list[int]
-    causal: bool
-    logit_rows: list[int]
-    lora: bool = False
-
-    @property
-    def writes_kv(self) -> bool:
-        return FORWARD_KIND_WRITES[self.kind]
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
+class ModeState:
+    """Base of a mode's per-request state (``Request.mode_state``); each mode subclasses it."""
 
 
 @dataclass(eq=False)  # identity semantics: the scheduler finds requests in lists by identity
@@ -51,7 +28,7 @@ class Request:
 
     request_id: str
     prompt_ids: list[int]
-    params: RequestParams
+    params: ResolvedParams
     seed: int
     stop_ids: frozenset[int]  # tokens that end the request (user stop ids, plus EOS unless ignore_eos)
     max_model_len: int
@@ -60,7 +37,7 @@ class Request:
     table: PageTable = field(default_factory=PageTable)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
-    mode_state: Any = None
+    mode_state: ModeState | None = None  # owned by the request's mode; None after a reset
     stats: RequestStats = field(default_factory=RequestStats)
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last output
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

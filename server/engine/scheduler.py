@@ -18,9 +18,10 @@ from typing import Callable
 
 from server.engine.client import QueueFullError
 from server.engine.kv_cache import KVCacheManager
-from server.engine.modes import DecodeMode
+from server.engine.modes import DecodeMode, get_mode
 from server.engine.outputs import FinishReason
-from server.engine.request import Request, Status, Work
+from server.engine.request import Request, Status
+from server.engine.work import Work
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,26 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, modes: dict[str, DecodeMode]) -> None:
+    """Decides each step's batch (see the module docstring).
+
+    Invariants: ``running`` and ``waiting`` are disjoint and each sorted by arrival order; a
+    running request's pages hold ``mode.kv_tokens_needed`` tokens for the work it was given;
+    a waiting request holds pages only while it is being admitted (a failed admission frees
+    them and resets its mode state); a batch never exceeds ``max_num_batched_tokens`` tokens
+    nor ``max_num_seqs`` running requests."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.modes = modes
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_early: list[Request] = []  # finished while being scheduled (e.g. a stop seed)
         self.num_preemptions = 0
         self.on_preempt: Callable[[Request], None] = lambda req: None
 
-    def mode_of(self, req: Request) -> DecodeMode:
-        return self.modes[req.params.decode.mode]
+    @staticmethod
+    def mode_of(req: Request) -> DecodeMode:
+        return get_mode(req.params.decode.mode)
 
     # --------------------------------------------------------------- queue
     def add(self, req: Request) -> None:

@@ -1,15 +1,9 @@
-"""Small configs of the real Nemotron-Labs Diffusion schema, for tests and the fallback model."""
+"""Small configs of the real Nemotron-Labs Diffusion schema (training's tiny model; the tests'
+random models are built from it in ``tests/fixtures/tiny_models.py``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import torch
-
-from server.model.config import ModelConfig
-from server.model.loader import save_checkpoint
-from server.model.model import DecoderModel
 
 
 def tiny_nld_config(
@@ -58,25 +52,3 @@ def tiny_nld_config(
         "pad_token_id": 0,
         "torch_dtype": "float32",
     }
-
-
-def random_model(config_dict: dict[str, Any], seed: int = 0, std: float = 0.5) -> DecoderModel:
-    """A randomly initialised model. A large init std gives peaked, varied logits, so greedy
-    decoding is sensitive to any mistake (a near-uniform model would hide bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = DecoderModel(ModelConfig.from_dict(config_dict))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) * std / fan_in**0.5 * (4.0 if name == "head.weight" else 1.0))
-    return model.eval()
-
-
-def write_random_checkpoint(out_dir: str | Path, config_dict: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Write a random-init checkpoint folder (config.json + model.safetensors)."""
-    cfg = config_dict or tiny_nld_config()
-    save_checkpoint(random_model(cfg, seed), out_dir, cfg)
-    return Path(out_dir)

@@ -108,15 +108,16 @@ def http() -> httpx.Client:
 
 SERVER_CONFIGS: dict[str, dict[str, Any]] = {
     # the default: open, AR by default, short keep-alive so tests can see it
-    "main": dict(api_key=None, default_mode="ar", default_refine_steps=None, max_body_bytes=1 << 20, keepalive_s=0.2),
-    # with an API key, a small body limit, diffusion by default
-    "secured": dict(api_key=API_KEY, default_mode="diffusion", default_refine_steps=2, max_body_bytes=4096, keepalive_s=10.0),
+    "main": dict(api_key=None, default_mode="ar", max_body_bytes=1 << 20, keepalive_s=0.2),
+    # with an API key, a small body limit, diffusion by default (2 refine steps by default)
+    "secured": dict(api_key=API_KEY, default_mode="diffusion", max_body_bytes=4096, keepalive_s=10.0),
 }
+ENGINE_CONFIGS: dict[str, dict[str, Any]] = {"main": {}, "secured": dict(server_defaults={"refine_steps": 2})}
 
 
 def get_server(name: str, tokenizer: Any) -> LiveServer:
     if name not in _SERVERS:
-        engine = FakeEngine(tokenizer)
+        engine = FakeEngine(tokenizer, **ENGINE_CONFIGS[name])
         registry = prometheus_client.CollectorRegistry()
         prometheus_client.Counter("fake_test_requests", "a metric the tests look for", registry=registry).inc()
         app = create_app(

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from server.engine.client import QueueFullError
+from server.engine.modes import resolve_decode, work_kind_names
 from server.engine.outputs import RequestOutput, RequestStats, TokenLogprob
-from server.engine.params import RequestParams
+from server.engine.params import RequestParams, ResolveContext, ResolvedParams
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -78,7 +79,7 @@ class FakeEngine:
 
     def __init__(
         self, tokenizer: Any, *, model_name: str = "fake-nld", max_model_len: int = 1024, block_size: int = 4,
-        total_pages: int = 4096, page_size: int = 16,
+        total_pages: int = 4096, page_size: int = 16, server_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -88,17 +89,24 @@ class FakeEngine:
         self._total_pages = total_pages
         self._free_pages = total_pages
         self.knobs = FakeKnobs()
+        # parameters are resolved as the real engine does (defaults, mode fields, lengths)
+        self.param_context = ResolveContext(
+            block_size=block_size, max_model_len=max_model_len, max_pass_tokens=2048,
+            mask_token_id=len(tokenizer) - 1, server_defaults=dict(server_defaults or {}),
+        )
         self.running: dict[str, _Request] = {}
         self.submitted: list[tuple[str, list[int], RequestParams]] = []
+        self.resolved: list[ResolvedParams] = []
         self.aborted: list[str] = []
 
     # ------------------------------------------------------------------ test helpers
     def reset(self) -> None:
         self.knobs = FakeKnobs()
         self.submitted.clear()
+        self.resolved.clear()
         self.aborted.clear()
 
-    def answer_ids(self, prompt_ids: list[int], params: RequestParams) -> tuple[list[int], str]:
+    def answer_ids(self, prompt_ids: list[int], params: RequestParams | ResolvedParams) -> tuple[list[int], str]:
         """The tokens this fake will emit for a prompt and their finish reason."""
         max_tokens = params.sampling.max_tokens
         if self.knobs.script is not None:
@@ -115,7 +123,7 @@ class FakeEngine:
             return ids[:max_tokens], "length"
         return ids, "stop"
 
-    def chunk_sizes(self, params: RequestParams, total: int, prompt_ids: list[int]) -> list[int]:
+    def chunk_sizes(self, params: ResolvedParams, total: int, prompt_ids: list[int]) -> list[int]:
         """How many tokens each output carries."""
         mode = params.decode.mode
         if self.knobs.chunk_override:
@@ -123,10 +131,10 @@ class FakeEngine:
             return [min(size, total - i) for i in range(0, total, size)]
         if mode == "ar":
             return [1] * total
-        block = params.decode.block_length or self.block_size
+        decode: Any = params.decode
         if mode == "diffusion":
-            return [min(block, total - i) for i in range(0, total, block)]
-        draft = params.decode.draft_length or max(1, block - 1)
+            return [min(decode.block_length, total - i) for i in range(0, total, decode.block_length)]
+        draft = decode.draft_length
         sizes, done = [], 0
         while done < total:
             run = 1 + stable_hash(tuple(prompt_ids), done) % (draft + 1)
@@ -159,6 +167,7 @@ class FakeEngine:
             raise ValueError(f"duplicate request id {request_id}")
         if any(not 0 <= t < len(self.tokenizer) for t in prompt_token_ids):
             raise ValueError("prompt token id out of range")
+        resolved = ResolvedParams(params.sampling, resolve_decode(params.decode, params.sampling, self.param_context))
         pages = math.ceil((len(prompt_token_ids) + params.sampling.max_tokens) / self.page_size)
         if pages > self._free_pages:
             raise QueueFullError("no KV pages left")
@@ -166,7 +175,8 @@ class FakeEngine:
         req = _Request(request_id, pages)
         self.running[request_id] = req
         self.submitted.append((request_id, list(prompt_token_ids), params))
-        return self._stream(req, list(prompt_token_ids), params)
+        self.resolved.append(resolved)
+        return self._stream(req, list(prompt_token_ids), resolved)
 
     def _free(self, req: _Request) -> None:
         if not req.freed:
@@ -181,10 +191,13 @@ class FakeEngine:
         if req is not None:
             req.aborted = True
 
-    async def _stream(self, req: _Request, prompt_ids: list[int], params: RequestParams) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, req: _Request, prompt_ids: list[int], params: ResolvedParams) -> AsyncIterator[RequestOutput]:
         knobs = self.knobs
         mode = params.decode.mode
-        stats = RequestStats(mode=mode, prompt_tokens=len(prompt_ids), model=self.model_name)
+        stats = RequestStats(
+            mode=mode, prompt_tokens=len(prompt_ids), model=self.model_name,
+            forward_passes=dict.fromkeys(work_kind_names(), 0),
+        )
         try:
             if knobs.lazy_errors and (exc := self._admission_error()) is not None:
                 raise exc
@@ -223,21 +236,21 @@ class FakeEngine:
         finally:
             self._free(req)
 
-    def _count_passes(self, stats: RequestStats, params: RequestParams, size: int) -> None:
+    def _count_passes(self, stats: RequestStats, params: ResolvedParams, size: int) -> None:
         mode = params.decode.mode
+        decode: Any = params.decode
         if mode == "ar":
             stats.forward_passes["decode"] += 1
         elif mode == "diffusion":
-            block = params.decode.block_length or self.block_size
-            stats.forward_passes["denoise"] += params.decode.refine_steps or block
+            stats.forward_passes["denoise"] += decode.refine_steps
             stats.forward_passes["commit"] += 1
-            stats.denoise_steps_per_block.append(params.decode.refine_steps or block)
+            stats.denoise_steps_per_block.append(decode.refine_steps)
         else:
             stats.forward_passes["draft"] += 1
             stats.forward_passes["verify"] += 1
             stats.acceptance_lengths.append(size)
 
-    def _logprobs(self, chunk: list[int], params: RequestParams) -> list[TokenLogprob] | None:
+    def _logprobs(self, chunk: list[int], params: ResolvedParams) -> list[TokenLogprob] | None:
         k = params.sampling.logprobs
         if k is None:
             return None

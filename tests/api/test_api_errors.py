@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from server.engine.client import EngineDeadError
+from server.engine.params import ParamError
 from tests.api.conftest import API_KEY, LiveServer, http, wait_until
 
 CHAT = {"model": "fake-nld", "messages": [{"role": "user", "content": "hello"}]}
@@ -159,7 +160,9 @@ def test_default_mode_and_refine_steps_of_the_server(secured_server: LiveServer)
     good = {"Authorization": f"Bearer {API_KEY}"}
     assert http().post(secured_server.url + "/v1/completions", json=COMP, headers=good).status_code == 200
     params = secured_server.engine.submitted[-1][2]
-    assert params.decode.mode == "diffusion" and params.decode.refine_steps == 2
+    assert params.decode.mode == "diffusion" and params.decode.refine_steps is None  # the engine fills it
+    resolved: Any = secured_server.engine.resolved[-1]
+    assert resolved.decode.mode == "diffusion" and resolved.decode.refine_steps == 2
 
 
 def _chunked(data: bytes, size: int = 1000) -> Iterator[bytes]:
@@ -197,10 +200,13 @@ def test_queue_full_is_503_with_retry_after(server: LiveServer, lazy: bool, stre
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_value_error_is_400_with_its_message(server: LiveServer, stream: bool) -> None:
-    server.engine.knobs.generate_exc = ValueError("block_length 64 does not divide the context window")
+    server.engine.knobs.generate_exc = ParamError("block_length", "block_length 64 does not divide the context window")
     err = error_of(post(server, "/v1/completions", {**COMP, "stream": stream}), 400)
     assert err["message"] == "block_length 64 does not divide the context window"
-    assert err["param"] == "block_length"
+    assert err["param"] == "block_length"  # carried by the exception, not parsed from its text
+    server.engine.knobs.generate_exc = ValueError("draft_length of the context window is odd")
+    err = error_of(post(server, "/v1/completions", {**COMP, "stream": stream}), 400)
+    assert err["message"] == "draft_length of the context window is odd" and err["param"] is None
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("kaboom /secret/path"), EngineDeadError("engine loop died")])

@@ -152,8 +152,8 @@ def test_usage_forward_pass_accounting(server: LiveServer, mode: str, kinds: set
     assert usage["completion_tokens"] == 9
     assert usage["tokens_per_forward"] == pytest.approx(9 / usage["forward_passes"])
     if mode == "self_spec":
-        _, prompt_ids, params = server.engine.submitted[-1]
-        sizes = server.engine.chunk_sizes(params, 9, prompt_ids)
+        _, prompt_ids, _ = server.engine.submitted[-1]
+        sizes = server.engine.chunk_sizes(server.engine.resolved[-1], 9, prompt_ids)
         assert usage["mean_acceptance_length"] == pytest.approx(sum(sizes) / len(sizes))
     else:
         assert "mean_acceptance_length" not in usage

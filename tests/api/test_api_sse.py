@@ -81,8 +81,8 @@ def test_one_delta_per_engine_output(server: LiveServer, mode: str, size: int | 
     server.engine.knobs.script = script
     body = {**CHAT, "stream": True, "mode": mode, "max_tokens": 100}
     deltas = [d for d in content_of(payloads(stream_lines(server, "/v1/chat/completions", body))) if d]
-    _, prompt_ids, params = server.engine.submitted[-1]
-    sizes = server.engine.chunk_sizes(params, len(script), prompt_ids)
+    _, prompt_ids, _ = server.engine.submitted[-1]
+    sizes = server.engine.chunk_sizes(server.engine.resolved[-1], len(script), prompt_ids)
     if size is not None:
         assert set(sizes[:-1]) == {size}
     assert len(deltas) == len(sizes)

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from server.api.detokenize import IncrementalDetokenizer
-from server.api.errors import param_of_value_error
 from server.api.stop import StopStringMatcher
 from tests.api.fake_engine import SENTENCES, byte_token_ids
 
@@ -67,12 +66,3 @@ def test_earliest_of_several_stops_wins() -> None:
 def test_held_prefix_at_end_is_flushed() -> None:
     out, stopped = feed_all(StopStringMatcher(["dog.x"]), ["the dog", "."])
     assert not stopped and "".join(out) == "the dog."
-
-
-def test_value_error_messages_map_to_params() -> None:
-    assert param_of_value_error("unknown mode 'x'; expected one of ar") == "mode"
-    assert param_of_value_error("unknown unmasking policy 'x'; expected one of threshold") == "policy"
-    assert param_of_value_error("block_length 9999 is larger than the context length 1024") == "block_length"
-    assert param_of_value_error("draft_length 5 does not fit the context length 4") == "draft_length"
-    assert param_of_value_error("refine_steps must be an integer >= 1, got 0") == "refine_steps"
-    assert param_of_value_error("something else") is None

@@ -11,7 +11,8 @@ from server.engine.engine import LLMEngine
 from server.engine.outputs import RequestStats
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.model.model import DecoderModel
-from server.model.tiny import random_model, tiny_nld_config
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
 from tests.engine.reference import Result, run_reference
 
 MASK_ID = 300

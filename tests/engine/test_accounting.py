@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from server.engine.outputs import FORWARD_KINDS
+from server.engine.modes import work_kind_names
 from tests.engine.helpers import Driver, make_engine, model_for, to_params
 
 MODEL_SEED = 1
@@ -38,7 +38,7 @@ def check_accounting(
 ) -> None:
     fp = stats.forward_passes
     n = len(tokens)
-    assert set(fp) == set(FORWARD_KINDS)
+    assert set(fp) == set(work_kind_names())
     assert stats.completion_tokens == n and stats.prompt_tokens == prompt_len
     assert stats.total_forward_passes == sum(fp.values())
     assert math.isclose(stats.tokens_per_forward, n / stats.total_forward_passes)
@@ -46,7 +46,7 @@ def check_accounting(
     # alone, a prompt takes ceil(uncached / budget) chunks; sharing the budget can only add some
     assert fp["prefill"] == chunks if alone else fp["prefill"] >= chunks
     mode = spec["mode"]
-    other = {k for k in FORWARD_KINDS if fp[k]} - {"prefill"}
+    other = {k for k in work_kind_names() if fp[k]} - {"prefill"}
     stopped = reason == "stop"
     if mode == "ar":
         assert other <= {"decode"}
@@ -121,7 +121,8 @@ def test_offline_generate_takes_more_prompts_than_the_waiting_queue_holds() -> N
     from server.config import EngineConfig
     from server.engine.engine import LLMEngine
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
-    from server.model.tiny import random_model, tiny_nld_config
+    from server.model.tiny import tiny_nld_config
+    from tests.fixtures.tiny_models import random_model
 
     eng = LLMEngine(random_model(tiny_nld_config(), seed=2), EngineConfig(model="tiny", kv_cache_tokens=2048, max_model_len=64, max_waiting=3))
     prompts = [[5, 6, 7 + i] for i in range(10)]

@@ -14,7 +14,8 @@ from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.model.loader import load_model
-from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import write_random_checkpoint
 
 NEW_TOKENS = 12
 

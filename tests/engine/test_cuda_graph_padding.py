@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine.cuda_graphs import GraphRunner
 from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.model.model import DenseAttention
-from server.model.tiny import random_model, tiny_nld_config
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10][: k + 1] for k in range(5)]
 
@@ -23,7 +23,7 @@ def make_engine(graphs: bool) -> LLMEngine:
     model = random_model(tiny_nld_config(block_size=8), seed=3)
     eng = LLMEngine(model, EngineConfig(model="tiny", kv_cache_tokens=4096, max_model_len=256, enable_prefix_caching=False))
     if graphs:
-        eng.runner.graphs = GraphRunner(eng.runner, (1, 2, 4, 8), (1, 8), capture=False)
+        eng.runner.graphs = eng.runner.graph_runner((1, 2, 4, 8), (1, 8), capture=False)
     return eng
 
 
@@ -42,7 +42,7 @@ def test_padded_replay_path_matches_eager(mode: str) -> None:
 def test_bucket_selection() -> None:
     eng = make_engine(True)
     graphs = eng.runner.graphs
-    from server.engine.runner import HostBatch
+    from server.engine.batch import HostBatch
 
     def hb(lens: list[int]) -> HostBatch:
         h = HostBatch()

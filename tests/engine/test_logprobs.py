@@ -12,7 +12,8 @@ from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.engine.sampler import RowSpec, select_tokens
 from server.model.model import DenseAttention
-from server.model.tiny import random_model, tiny_nld_config
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
 
 
 def test_select_tokens_logprobs_match_log_softmax() -> None:

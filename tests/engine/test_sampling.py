@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from server.engine.params import DecodeParams, ParamError, RequestParams, SamplingParams
 from tests.engine.helpers import make_engine, model_for, reference_for, run_all, to_params
 from tests.engine.reference import block_logits, causal_logits
 
@@ -192,26 +192,35 @@ def test_max_tokens_and_context_limit(mode: dict) -> None:
     ],
 )
 def test_invalid_sampling_params(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ParamError) as info:
         SamplingParams(**kwargs)
+    assert info.value.param == next(iter(kwargs))
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(mode="beam"),
         dict(mode="diffusion", policy="random"),
         dict(mode="diffusion", refine_steps=0),
         dict(mode="diffusion", refine_steps=-3),
         dict(mode="diffusion", block_length=0),
         dict(mode="diffusion", threshold=0.0),
         dict(mode="diffusion", threshold=1.01),
+        dict(mode="diffusion", seed_first_position=1),
         dict(mode="self_spec", draft_length=0),
     ],
 )
 def test_invalid_decode_params(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ParamError) as info:
         DecodeParams(**kwargs)
+    assert info.value.param == list(kwargs)[1]
+
+
+def test_unknown_mode_is_refused_when_resolved() -> None:
+    eng = make_engine(model_for(MODEL_SEED))
+    with pytest.raises(ParamError) as info:
+        eng.resolve_params(RequestParams(decode=DecodeParams(mode="beam")))
+    assert info.value.param == "mode" and "ar, diffusion, self_spec" in str(info.value)
 
 
 def test_valid_boundaries_are_accepted() -> None:
@@ -225,14 +234,18 @@ def test_engine_rejects_what_cannot_run() -> None:
     eng = make_engine(model, max_model_len=32, max_num_batched_tokens=16)
     ok = to_params(dict(mode="diffusion", block_length=8, max_tokens=4))
     bad = [
-        to_params(dict(mode="diffusion", block_length=33, max_tokens=4)),  # larger than the context
-        to_params(dict(mode="diffusion", block_length=17, max_tokens=4)),  # larger than a step's budget
-        to_params(dict(mode="self_spec", draft_length=32, max_tokens=4)),  # draft + seed > context
-        to_params(dict(mode="self_spec", draft_length=16, max_tokens=4)),  # over the budget
+        (to_params(dict(mode="diffusion", block_length=33, max_tokens=4)), "block_length"),  # larger than the context
+        (to_params(dict(mode="diffusion", block_length=17, max_tokens=4)), "block_length"),  # over a step's budget
+        (to_params(dict(mode="self_spec", draft_length=32, max_tokens=4)), "draft_length"),  # draft + seed > context
+        (to_params(dict(mode="self_spec", draft_length=16, max_tokens=4)), "draft_length"),  # over the budget
+        (RequestParams(decode=DecodeParams(mode="ar", block_length=4)), "block_length"),  # not an ar field
+        (RequestParams(decode=DecodeParams(mode="self_spec", threshold=0.5)), "threshold"),
+        (RequestParams(SamplingParams(logprobs=1), DecodeParams(mode="diffusion")), "logprobs"),
     ]
-    for i, params in enumerate(bad):
-        with pytest.raises(ValueError):
+    for i, (params, field) in enumerate(bad):
+        with pytest.raises(ParamError) as info:
             eng.add_request(f"bad{i}", [5, 6], params)
+        assert info.value.param == field, (i, str(info.value))
     for prompt in ([], [5, model.config.vocab_size], [-1], list(range(3, 35))):
         with pytest.raises(ValueError):
             eng.add_request("p", prompt, ok)

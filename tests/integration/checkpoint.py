@@ -73,7 +73,8 @@ def write_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     import torch
 
     from server.model.loader import save_checkpoint
-    from server.model.tiny import random_model, tiny_nld_config
+    from server.model.tiny import tiny_nld_config
+    from tests.fixtures.tiny_models import random_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,6 @@ class Stack:
             served_model_names=[self.served_name],
             api_key=None,
             default_mode=config.default_mode,
-            default_refine_steps=config.default_refine_steps,
             max_body_bytes=4 * 1024 * 1024,
             metrics_registry=self.metrics.registry,
             version=__version__,

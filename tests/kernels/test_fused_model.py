@@ -16,7 +16,8 @@ import torch
 
 from kernels import elementwise
 from server.model.model import DenseAttention
-from server.model.tiny import random_model, tiny_nld_config
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -90,20 +91,21 @@ def test_fused_model_on_cpu_reference_is_bit_identical(force_reference, kernel_c
 def test_fused_model_through_paged_runner(force_triton):
     """The engine's runner (paged attention + store_kv, all Triton) on a fused model: prefill then
     one decode step match the unfused model's dense logits."""
-    from server.engine.params import RequestParams
-    from server.engine.request import Request, Work
+    from server.engine.params import ModeParams, ResolvedParams, SamplingParams
+    from server.engine.request import Request
     from server.engine.runner import ModelRunner
+    from server.engine.work import DECODE, PREFILL, Work
 
     model, fused = _models(seed=4)
     runner = ModelRunner(fused, num_pages=8, page_size=16, device=torch.device("cpu"),
                          dtype=torch.float32, max_pages_per_seq=4)
     prompt = torch.randint(3, 300, (12,), generator=torch.Generator().manual_seed(2)).tolist()
-    req = Request("r", prompt, RequestParams(), seed=0, stop_ids=frozenset(), max_model_len=64)
+    req = Request("r", prompt, ResolvedParams(SamplingParams(), ModeParams("ar")), seed=0, stop_ids=frozenset(), max_model_len=64)
     req.table.pages = [0, 1, 2, 3]
     with torch.no_grad():
-        prefill = runner.run([(req, Work("prefill", prompt, True, [11]))])[0]
+        prefill = runner.run([(req, Work(PREFILL, prompt, [11]))])[0]
         req.num_computed = 12
-        decode = runner.run([(req, Work("decode", [7], True, [0]))])[0]
+        decode = runner.run([(req, Work(DECODE, [7], [0]))])[0]
         ids = torch.tensor(prompt + [7])
         mask = torch.ones(13, 13, dtype=torch.bool).tril()
         dense = model.compute_logits(model(ids, torch.arange(13), DenseAttention(mask)))

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from server.model.config import NLD_ARCHITECTURES
 from server.model.loader import LORA_DIR, load_model
 from server.model.model import DecoderModel, DenseAttention
-from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import write_random_checkpoint
 from tests.fixtures.hf_reference import causal_mask, prefix_bidirectional_mask
 
 T = 12

@@ -22,7 +22,8 @@ from server.model.config import ModelConfig
 from server.model.layers import RotaryEmbedding, llama4_query_scale, rope_inverse_frequencies
 from server.model.loader import load_model, load_tokenizer
 from server.model.model import DecoderModel, DenseAttention
-from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import write_random_checkpoint
 from tests.fixtures.hf_reference import (
     HFNLDReference,
     additive_mask,

@@ -72,7 +72,8 @@ def plan(prompt: str, body: dict[str, Any]) -> tuple[list[str], list[str], dict[
 
 
 def make_app(usage_extension: bool = True):
-    from server.engine.outputs import FORWARD_KINDS, RequestStats
+    from server.engine.modes import work_kind_names
+    from server.engine.outputs import RequestStats
     from server.metrics import CONTENT_TYPE, Metrics
 
     app = FastAPI()
@@ -121,7 +122,7 @@ def make_app(usage_extension: bool = True):
             yield frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
             if include_usage:
                 yield frame({**base, "choices": [], "usage": usage})
-            fp = {k: 0 for k in FORWARD_KINDS}
+            fp = {k: 0 for k in work_kind_names()}
             fp.update(st["forward_passes"])
             metrics.on_request_finished(RequestStats(
                 mode=st["mode"], prompt_tokens=usage["prompt_tokens"], completion_tokens=st["n"],

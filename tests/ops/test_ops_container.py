@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.engine.outputs import FORWARD_KINDS, RequestStats
+from server.engine.modes import work_kind_names
+from server.engine.outputs import RequestStats
 from server.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ def test_prometheus_scrapes_the_compose_services():
 
 def _exposed_names() -> set[str]:
     m = Metrics("x")
-    fp = {k: 1 for k in FORWARD_KINDS}
+    fp = {k: 1 for k in work_kind_names()}
     m.on_request_finished(RequestStats(mode="self_spec", completion_tokens=3, forward_passes=fp,
                                        acceptance_lengths=[2], denoise_steps_per_block=[2], first_token_time=1.0,
                                        finished_time=2.0, first_scheduled_time=0.5, prefill_done_time=0.7,

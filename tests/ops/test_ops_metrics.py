@@ -9,14 +9,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.outputs import FORWARD_KINDS, RequestStats
+from server.engine.modes import work_kind_names
+from server.engine.outputs import RequestStats
 from server.metrics import Metrics
 
 M = "tiny"
 
 
 def stats(mode="ar", **kw) -> RequestStats:
-    fp = {k: 0 for k in FORWARD_KINDS}
+    fp = {k: 0 for k in work_kind_names()}
     fp.update(kw.pop("forward_passes", {}))
     return RequestStats(mode=mode, forward_passes=fp, model=M, **kw)
 

@@ -15,7 +15,8 @@ from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.model.loader import load_model
 from server.model.model import DenseAttention
-from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import write_random_checkpoint
 from training.draft_lora import attach_lora, draft_batch, draft_mask, main
 
 

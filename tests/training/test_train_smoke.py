@@ -14,7 +14,8 @@ import torch
 
 from server.model.config import ModelConfig
 from server.model.model import DecoderModel, DenseAttention
-from server.model.tiny import random_model, tiny_nld_config
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
 from training.corpus import Document, split_heldout
 from training.data import BatchSampler, build_token_data, make_chat_samples
 from training.objective import add_noise, causal_mask, joint_loss, sbd_block_diff_mask

@@ -1,23 +1,42 @@
-"""Decoding modes: each decides a request's next forward pass and interprets its logits."""
+"""Decoding modes: each decides a request's next forward pass and interprets its logits.
+
+Importing this package registers the built-in modes; everything else asks the registry."""
 
 from __future__ import annotations
 
 from server.engine.modes.ar import AutoregressiveMode
 from server.engine.modes.base import DecodeMode
 from server.engine.modes.diffusion import BlockDiffusionMode
+from server.engine.modes.registry import (
+    all_modes,
+    get_mode,
+    load_model_defaults,
+    mode_names,
+    modes_honouring,
+    register,
+    resolve_decode,
+    unregister,
+    work_kind_names,
+    work_kinds,
+)
 from server.engine.modes.self_spec import SelfSpeculativeMode
 
+for _mode in (AutoregressiveMode(), BlockDiffusionMode(), SelfSpeculativeMode()):
+    register(_mode)
 
-def make_mode(name: str, mask_token_id: int | None) -> DecodeMode:
-    if name == "ar":
-        return AutoregressiveMode()
-    if mask_token_id is None:
-        raise ValueError(f"mode {name!r} needs a diffusion checkpoint (with a mask token); this model serves only 'ar'")
-    if name == "diffusion":
-        return BlockDiffusionMode(mask_token_id)
-    if name == "self_spec":
-        return SelfSpeculativeMode(mask_token_id)
-    raise ValueError(f"unknown mode {name!r}")
-
-
-__all__ = ["DecodeMode", "make_mode", "AutoregressiveMode", "BlockDiffusionMode", "SelfSpeculativeMode"]
+__all__ = [
+    "DecodeMode",
+    "AutoregressiveMode",
+    "BlockDiffusionMode",
+    "SelfSpeculativeMode",
+    "all_modes",
+    "get_mode",
+    "load_model_defaults",
+    "mode_names",
+    "modes_honouring",
+    "register",
+    "resolve_decode",
+    "unregister",
+    "work_kind_names",
+    "work_kinds",
+]

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.modes.base import prefill_work, sample_spec
+from server.engine.modes.base import DecodeMode, prefill_work, sample_spec
 from server.engine.outputs import TokenLogprob
-from server.engine.request import Request, Work
+from server.engine.request import Request
 from server.engine.sampler import RowResult, RowSpec
+from server.engine.work import DECODE, PREFILL, Work
 
 
-class AutoregressiveMode:
+class AutoregressiveMode(DecodeMode):
     """Every uncached token (the prompt, then each sampled token) goes through a causal pass
-    that writes its K/V; the last row's logits give the next token."""
+    that writes its K/V; the last row's logits give the next token. No knobs, no state;
+    the only mode that reports logprobs."""
+
+    name = "ar"
+    supports_logprobs = True
+    work_kinds = (PREFILL, DECODE)
 
     def next_work(self, req: Request, budget: int) -> Work | None:
-        work = prefill_work(req, budget, len(req.token_ids), want_logits=True, kind="prefill")
+        work = prefill_work(req, budget, len(req.token_ids), want_logits=True, kind=PREFILL)
         if work is not None and len(work) == 1 and req.num_computed >= req.num_prompt:
-            work.kind = "decode"
+            work.kind = DECODE
         return work
-
-    def kv_tokens_needed(self, req: Request, work: Work) -> int:
-        return req.num_computed + len(work)
 
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
         return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
@@ -35,6 +38,3 @@ class AutoregressiveMode:
         if req.params.sampling.logprobs is not None:
             lp = [TokenLogprob(r.token, r.logprob or 0.0, list(r.top_logprobs or []))]
         req.emit([r.token], lp)
-
-    def reset(self, req: Request) -> None:
-        req.mode_state = None

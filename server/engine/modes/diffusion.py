@@ -18,16 +18,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from server.engine.modes.base import prefill_work, sample_spec
-from server.engine.request import Request, Work
+from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, sample_spec
+from server.engine.params import ModeParams, ResolveContext, UnmaskPolicy
+from server.engine.request import ModeState, Request
 from server.engine.sampler import SALT_DENOISE, RowResult, RowSpec
+from server.engine.work import PREFILL, Work, WorkKind
+
+DENOISE = WorkKind("denoise", writes_kv=False, attention="bidirectional")
+COMMIT = WorkKind("commit", writes_kv=True, attention="causal")  # a prefill of the emitted block
+
+BUILTIN_DEFAULTS: dict[str, Any] = {"threshold": 0.9, "policy": "threshold", "seed_first_position": True}
+
+
+@dataclass(frozen=True)
+class DiffusionParams(ModeParams):
+    mask_token_id: int
+    block_length: int
+    refine_steps: int  # denoise passes allowed per block
+    threshold: float
+    policy: UnmaskPolicy
+    seed_first_position: bool
 
 
 @dataclass
-class DiffusionState:
+class DiffusionState(ModeState):
     seed: int | None = None  # causal prediction for the next block's first position
     canvas: list[int] | None = None
     revealed: list[bool] = field(default_factory=list)
@@ -54,24 +72,41 @@ def select_reveals(
     if policy == "low_confidence":
         ranked = sorted(candidates, key=lambda i: (-confidences[i], i))
         return sorted(ranked[:k])
-    if policy == "leftmost":
-        return sorted(candidates)[:k]
-    raise ValueError(f"unknown unmasking policy {policy!r}")
+    assert policy == "leftmost", policy  # validated by KNOB_RULES
+    return sorted(candidates)[:k]
 
 
-class BlockDiffusionMode:
-    def __init__(self, mask_token_id: int) -> None:
-        self.mask_id = mask_token_id
+class BlockDiffusionMode(DecodeMode):
+    """Block diffusion (see the module docstring). Invariant: between passes either no block
+    is open (``canvas`` None; the next pass is a prefill/commit or starts a block) or the
+    open block has at least one position left to reveal; denoise passes write no K/V."""
+
+    name = "diffusion"
+    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position")
+    needs_mask_token = True
+    work_kinds = (PREFILL, DENOISE, COMMIT)
+    metric_histograms = ("diffusion_denoising_steps_per_block",)
+
+    def default(self, knob: str, values: dict[str, Any], ctx: ResolveContext) -> Any:
+        if knob == "refine_steps":
+            return values["block_length"]  # one pass per position at worst
+        return BUILTIN_DEFAULTS[knob] if knob in BUILTIN_DEFAULTS else super().default(knob, values, ctx)
+
+    def make_params(self, values: dict[str, Any], ctx: ResolveContext) -> DiffusionParams:
+        check_fits("block_length", values["block_length"], values["block_length"], ctx)
+        assert ctx.mask_token_id is not None
+        return DiffusionParams(mode=self.name, mask_token_id=ctx.mask_token_id, **values)
+
+    def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
+        return _params(params).block_length, "block_length"
 
     @staticmethod
     def _state(req: Request) -> DiffusionState:
-        if req.mode_state is None:
-            req.mode_state = DiffusionState()
-        return req.mode_state
+        return mode_state(req, DiffusionState)
 
     # ------------------------------------------------------------- helpers
     def _seeding(self, req: Request) -> bool:
-        return req.params.decode.seed_first_position
+        return _params(req.params.decode).seed_first_position
 
     def _stop_index(self, req: Request, st: DiffusionState) -> int | None:
         """First revealed position holding a stop token."""
@@ -91,9 +126,10 @@ class BlockDiffusionMode:
         return [i for i in range(end) if not st.revealed[i]]
 
     def _start_block(self, req: Request, st: DiffusionState) -> None:
-        length = min(req.params.decode.block_length or 1, req.max_model_len - req.num_computed)
+        dp = _params(req.params.decode)
+        length = min(dp.block_length, req.max_model_len - req.num_computed)
         assert length >= 1, "a block is started only when the context has room"
-        st.canvas = [self.mask_id] * length
+        st.canvas = [dp.mask_token_id] * length
         st.revealed = [False] * length
         st.steps = 0
         if self._seeding(req):
@@ -116,7 +152,7 @@ class BlockDiffusionMode:
     def next_work(self, req: Request, budget: int) -> Work | None:
         st = self._state(req)
         if req.num_computed < len(req.token_ids):
-            kind = "commit" if st.has_blocks else "prefill"
+            kind = COMMIT if st.has_blocks else PREFILL
             return prefill_work(req, budget, len(req.token_ids), want_logits=self._seeding(req), kind=kind)
         if st.canvas is None:
             self._start_block(req, st)
@@ -126,14 +162,10 @@ class BlockDiffusionMode:
         if len(st.canvas) > budget:
             return None
         rows = [i for i in range(len(st.canvas)) if not st.revealed[i]]
-        return Work(kind="denoise", token_ids=list(st.canvas), causal=False, logit_rows=rows)
-
-    def kv_tokens_needed(self, req: Request, work: Work) -> int:
-        # a denoise pass reserves the slots its block's commit will write
-        return req.num_computed + len(work)
+        return Work(kind=DENOISE, token_ids=list(st.canvas), logit_rows=rows)
 
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
-        if work.kind != "denoise":
+        if work.kind is not DENOISE:
             return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
         st = self._state(req)
         salt = SALT_DENOISE + 16 * st.steps
@@ -141,7 +173,7 @@ class BlockDiffusionMode:
 
     def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
         st = self._state(req)
-        if work.kind != "denoise":
+        if work.kind is not DENOISE:
             req.num_computed += len(work)
             if results:
                 st.seed = results[0].token
@@ -150,8 +182,8 @@ class BlockDiffusionMode:
         st.steps += 1
         proposals = {row: r for row, r in zip(work.logit_rows, results)}
         candidates = self._candidates(req, st)
-        dp = req.params.decode
-        steps_left = (dp.refine_steps or len(st.canvas)) - st.steps + 1
+        dp = _params(req.params.decode)
+        steps_left = dp.refine_steps - st.steps + 1
         chosen = select_reveals(
             candidates, {i: proposals[i].confidence for i in candidates}, dp.policy, dp.threshold, steps_left
         )
@@ -159,5 +191,7 @@ class BlockDiffusionMode:
             st.canvas[i], st.revealed[i] = proposals[i].token, True
         self._finish_block_if_done(req, st)
 
-    def reset(self, req: Request) -> None:
-        req.mode_state = None
+
+def _params(params: ModeParams) -> DiffusionParams:
+    assert isinstance(params, DiffusionParams)
+    return params

@@ -17,11 +17,15 @@ distributed exactly as AR sampling (speculative rejection sampling).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from server.engine.modes.base import prefill_work, sample_spec
-from server.engine.request import Request, Work
+from server.engine.kv_cache import KVCacheManager
+from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, sample_spec
+from server.engine.outputs import RequestStats
+from server.engine.params import ModeParams, ResolveContext
+from server.engine.request import ModeState, Request
 from server.engine.sampler import (
     SALT_ACCEPT,
     SALT_DRAFT,
@@ -34,26 +38,60 @@ from server.engine.sampler import (
     row_keys,
     uniforms,
 )
+from server.engine.work import PREFILL, Work, WorkKind
+
+DRAFT = WorkKind("draft", writes_kv=False, attention="bidirectional")
+VERIFY = WorkKind("verify", writes_kv=True, attention="causal")
+
+
+@dataclass(frozen=True)
+class SelfSpecParams(ModeParams):
+    mask_token_id: int
+    block_length: int  # only sets the default draft length
+    draft_length: int
 
 
 @dataclass
-class SpecState:
+class SpecState(ModeState):
     drafts: list[int] | None = None
     draft_probs: torch.Tensor | None = None  # [D, V] draft distributions (temperature > 0)
 
 
-class SelfSpeculativeMode:
-    def __init__(self, mask_token_id: int) -> None:
-        self.mask_id = mask_token_id
+class SelfSpeculativeMode(DecodeMode):
+    """Linear self-speculation (see the module docstring). Invariant: between cycles the last
+    emitted token has no K/V (``num_computed == len(token_ids) - 1``) and ``drafts`` is None;
+    after a verify the cache holds exactly the accepted prefix (``after_pass`` cuts it)."""
+
+    name = "self_spec"
+    knobs = ("block_length", "draft_length")
+    needs_mask_token = True
+    work_kinds = (PREFILL, DRAFT, VERIFY)
+    metric_histograms = ("spec_decode_acceptance_length",)
+
+    def default(self, knob: str, values: dict[str, Any], ctx: ResolveContext) -> Any:
+        if knob == "draft_length":
+            return max(1, values["block_length"] - 1)  # a draft fills the block after its seed
+        return super().default(knob, values, ctx)
+
+    def make_params(self, values: dict[str, Any], ctx: ResolveContext) -> SelfSpecParams:
+        check_fits("block_length", values["block_length"], values["block_length"], ctx)
+        check_fits("draft_length", values["draft_length"] + 1, values["draft_length"], ctx)
+        assert ctx.mask_token_id is not None
+        return SelfSpecParams(mode=self.name, mask_token_id=ctx.mask_token_id, **values)
+
+    def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
+        return _params(params).draft_length + 1, "draft_length"
+
+    def usage_extras(self, stats: list[RequestStats]) -> dict[str, Any]:
+        lengths = [a for s in stats for a in s.acceptance_lengths]
+        return {"mean_acceptance_length": sum(lengths) / len(lengths) if lengths else 0.0}
 
     @staticmethod
     def _state(req: Request) -> SpecState:
-        if req.mode_state is None:
-            req.mode_state = SpecState()
-        return req.mode_state
+        return mode_state(req, SpecState)
 
     def _draft_length(self, req: Request) -> int:
-        d = req.params.decode.draft_length or 1
+        d = _params(req.params.decode).draft_length
         return max(1, min(d, req.remaining_tokens, req.max_model_len - req.num_computed - 1))
 
     def next_work(self, req: Request, budget: int) -> Work | None:
@@ -61,25 +99,23 @@ class SelfSpeculativeMode:
         has_seed = len(req.token_ids) > req.num_prompt
         target = len(req.token_ids) - (1 if has_seed else 0)
         if req.num_computed < target:
-            return prefill_work(req, budget, target, want_logits=not has_seed, kind="prefill")
+            return prefill_work(req, budget, target, want_logits=not has_seed, kind=PREFILL)
         seed = req.token_ids[-1]
         if st.drafts is None:
             d = self._draft_length(req)
             if d + 1 > budget:
                 return None
-            return Work("draft", [seed] + [self.mask_id] * d, causal=False, logit_rows=list(range(1, d + 1)), lora=True)
+            mask = _params(req.params.decode).mask_token_id
+            return Work(DRAFT, [seed] + [mask] * d, logit_rows=list(range(1, d + 1)), lora=True)
         if len(st.drafts) + 1 > budget:
             return None
-        return Work("verify", [seed] + st.drafts, causal=True, logit_rows=list(range(len(st.drafts) + 1)))
-
-    def kv_tokens_needed(self, req: Request, work: Work) -> int:
-        return req.num_computed + len(work)  # a draft reserves the slots its verify will write
+        return Work(VERIFY, [seed] + st.drafts, logit_rows=list(range(len(st.drafts) + 1)))
 
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
         base = req.num_computed
-        if work.kind == "prefill":
+        if work.kind is PREFILL:
             return [sample_spec(req, base + len(work))] if work.logit_rows else []
-        if work.kind == "draft":
+        if work.kind is DRAFT:
             return [sample_spec(req, base + i, SALT_DRAFT) for i in work.logit_rows]
         # verify: greedy rows; sampling at temperature > 0 is done in apply()
         return [RowSpec(0.0, 0, 1.0, req.seed, base + i + 1, SALT_SAMPLE) for i in work.logit_rows]
@@ -87,12 +123,12 @@ class SelfSpeculativeMode:
     def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
         st = self._state(req)
         s = req.params.sampling
-        if work.kind == "prefill":
+        if work.kind is PREFILL:
             req.num_computed += len(work)
             if results:
                 req.emit([results[0].token])
             return
-        if work.kind == "draft":
+        if work.kind is DRAFT:
             st.drafts = [r.token for r in results]
             if not s.greedy:
                 st.draft_probs = self._probs(req, logits)
@@ -118,7 +154,8 @@ class SelfSpeculativeMode:
         s = req.params.sampling
         n = logits.shape[0]
         dev = logits.device
-        allowed = logits.float().index_fill(1, torch.tensor([self.mask_id], device=dev), float("-inf"))
+        mask = torch.tensor([_params(req.params.decode).mask_token_id], device=dev)
+        allowed = logits.float().index_fill(1, mask, float("-inf"))
         return filtered_probs(
             allowed,
             torch.full((n,), s.temperature, device=dev),
@@ -156,5 +193,11 @@ class SelfSpeculativeMode:
         keys = row_keys([req.seed], [position], [salt], dev)
         return accepted, int(race(dist[None], keys)[0])
 
-    def reset(self, req: Request) -> None:
-        req.mode_state = None
+    def after_pass(self, req: Request, work: Work, kv: KVCacheManager) -> None:
+        if work.kind is VERIFY:  # rejected drafts wrote slots past the accepted prefix
+            kv.truncate(req.table, req.num_computed)
+
+
+def _params(params: ModeParams) -> SelfSpecParams:
+    assert isinstance(params, SelfSpecParams)
+    return params

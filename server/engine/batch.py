@@ -1,0 +1,108 @@
+"""The inputs of one ragged forward pass, shared by the eager runner and the CUDA-graph path.
+
+The batch is flat: the works' tokens are concatenated; per sequence we pass its cached
+prefix length, query start offset, page table and attention kind (causal or bidirectional).
+K/V of rows whose work writes the cache go to their slots; every other row gets slot -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.ops import paged_attention, store_kv
+from server.engine.request import Request
+from server.engine.work import Work
+
+
+@dataclass
+class HostBatch:
+    """The batch's inputs as host lists (built once per step, copied to the device once)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    lora: list[bool] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    causal: list[bool] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)  # flat row indices whose logits are needed
+    query_lens: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @classmethod
+    def build(cls, batch: list[tuple[Request, Work]], page_size: int) -> "HostBatch":
+        hb = cls()
+        for req, work in batch:
+            start, n = req.num_computed, len(work)
+            offset = hb.num_tokens
+            hb.input_ids.extend(work.token_ids)
+            hb.positions.extend(range(start, start + n))
+            hb.lora.extend([work.lora] * n)
+            if work.writes_kv:
+                pages = req.table.pages
+                hb.slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(start, start + n))
+            else:
+                hb.slots.extend([-1] * n)
+            hb.context_lens.append(start)
+            hb.query_start_loc.append(hb.query_start_loc[-1] + n)
+            hb.causal.append(work.causal)
+            hb.tables.append(list(req.table.pages))
+            hb.logit_rows.extend(offset + r for r in work.logit_rows)
+            hb.query_lens.append(n)
+        return hb
+
+
+@dataclass
+class BatchMetadata:
+    """Attention inputs of one ragged batch (see docs/design.md, "The attention contract")."""
+
+    slot_mapping: torch.Tensor  # [T] int64, -1 = do not write
+    block_tables: torch.Tensor  # [S, max_pages] int32
+    context_lens: torch.Tensor  # [S] int32
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    causal: torch.Tensor  # [S] bool
+    max_query_len: int
+
+
+class PagedAttention:
+    """The model's AttentionContext over the paged cache."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMetadata, scale: float) -> None:
+        self.k_cache, self.v_cache, self.meta, self.scale = k_cache, v_cache, meta, scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = self.meta
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        out = paged_attention(
+            q, k, v, kc, vc, m.block_tables, m.context_lens, m.query_start_loc, m.causal, self.scale, m.max_query_len
+        )
+        store_kv(k, v, kc, vc, m.slot_mapping)
+        return out
+
+
+@dataclass
+class KVTensors:
+    """The paged K/V cache of every layer ([layers, pages, page_size, kv_heads, head_dim]) and
+    the attention scale: what a forward pass needs besides its batch."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    scale: float
+
+    def context(self, meta: BatchMetadata) -> PagedAttention:
+        return PagedAttention(self.k_cache, self.v_cache, meta, self.scale)
+
+
+def padded_tables(tables: list[list[int]], rows: int, width: int) -> torch.Tensor:
+    """Page tables as a zero-padded [rows, width] int32 host tensor."""
+    out = torch.zeros((rows, width), dtype=torch.int32)
+    for s, t in enumerate(tables):
+        if t:
+            out[s, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out
