@@ -41,11 +41,13 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_metadata import AttentionMetadata
 from kernels.tuner import LaunchTuner, capturing
 
 __all__ = [
@@ -100,11 +102,13 @@ def _attend_prefix(acc, l_i, m_i, q, lo, hi, bt_row_ptr, k_cache_ptr, v_cache_pt
 
 
 @triton.jit
-def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
                     k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-                    qk_scale, offs_d, mask_d,
+                    qk_scale, offs_d, mask_d, BLOCK_Q: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The segment's own fresh keys 0..seg_hi-1 read from k/v (causal rule applied here)."""
+    """The segment's own fresh keys read from k/v (causal rule applied here). Causal rows of
+    this query block see segment keys up to their own position: the loop stops there."""
+    seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
     for start in range(0, seg_hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
         in_range = key < q_len
@@ -123,11 +127,26 @@ def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi
 
 
 @triton.jit
-def _load_query_tile(q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh,
-                     offs_d, mask_d,
-                     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """Rows of the GQA-packed tile: (local token index, query head, validity, q values)."""
+def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh,
+                     num_splits,
+                     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """The common start of both attention kernels. This program's (sequence, query block, KV
+    head, prefix split) come from the grid ``(S, q_blocks, Hkv * num_splits)``; then the
+    segment's bounds, prefix length and causal flag; the rows of the GQA-packed query tile
+    (local token index, query head, validity, flat token, q values); and empty online-softmax
+    state (acc, l, m). A program whose query block lies past the segment has no valid row
+    (every load is masked); the caller exits on ``q_block * BLOCK_Q >= q_len``."""
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    ctx_len = tl.load(context_lens_ptr + seq)
+    is_causal = tl.load(causal_ptr + seq).to(tl.int32)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
     rows = tl.arange(0, BLOCK_M)
     q_local = q_block * BLOCK_Q + rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -137,7 +156,11 @@ def _load_query_tile(q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_
                 mask=row_valid[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    return q_local, head, row_valid, tok, q
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    return (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal,
+            offs_d, mask_d, q_local, head, row_valid, tok, q, acc, l_i, m_i)
 
 
 @triton.jit
@@ -151,26 +174,12 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    kv_head = tl.program_id(2)
-
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    (seq, q_block, kv_head, _, q_start, q_len, ctx_len, is_causal, offs_d, mask_d, q_local, head,
+     row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
+        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh, 1,
+        HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST)
     if q_block * BLOCK_Q >= q_len:
         return
-    ctx_len = tl.load(context_lens_ptr + seq)
-    is_causal = tl.load(causal_ptr + seq).to(tl.int32)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q_local, head, row_valid, tok, q = _load_query_tile(
-        q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh, offs_d, mask_d,
-        GROUP, BLOCK_Q, BLOCK_M, UPCAST)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     acc, l_i, m_i = _attend_prefix(
         acc, l_i, m_i, q, 0, ctx_len, block_tables_ptr + seq.to(tl.int64) * stride_bt,
@@ -178,12 +187,10 @@ def _paged_attention_kernel(
         stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
         qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
 
-    # Causal rows of this block see segment keys up to their own position: stop there.
-    seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
     acc, l_i, m_i = _attend_segment(
-        acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+        acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
         k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-        qk_scale, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+        qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / l_safe[:, None]
@@ -204,27 +211,12 @@ def _paged_attention_split_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Like ``_paged_attention_kernel``, for one of ``num_splits`` chunks of the prefix."""
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    kv_head = tl.program_id(2) // num_splits
-    split = tl.program_id(2) % num_splits
-
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal, offs_d, mask_d, q_local,
+     head, row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
+        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh, num_splits,
+        HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST)
     if q_block * BLOCK_Q >= q_len:
         return
-    ctx_len = tl.load(context_lens_ptr + seq)
-    is_causal = tl.load(causal_ptr + seq).to(tl.int32)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q_local, head, row_valid, tok, q = _load_query_tile(
-        q_ptr, q_start, q_block, kv_head, q_len, stride_qt, stride_qh, offs_d, mask_d,
-        GROUP, BLOCK_Q, BLOCK_M, UPCAST)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Chunks are whole key tiles so no tile straddles two splits.
     chunk = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
@@ -237,11 +229,10 @@ def _paged_attention_split_kernel(
         qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
 
     if split == num_splits - 1:
-        seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
         acc, l_i, m_i = _attend_segment(
-            acc, l_i, m_i, q, q_start, q_len, q_local, is_causal, seg_hi,
+            acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
             k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-            qk_scale, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
+            qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -481,28 +472,13 @@ def plan_launch(
 
 
 def block_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    causal: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    *,
-    num_splits: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    autotune: bool | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, **launch: Any,
 ) -> torch.Tensor:
-    """Launch the paged attention kernels (inputs assumed validated by ``kernels.ops``).
+    """Launch the paged attention kernels (inputs assumed validated by ``kernels.ops``;
+    ``meta.max_query_len`` must be set).
 
-    ``num_splits``: None picks automatically (``choose_num_splits``), 1 disables split-KV, more
+    ``launch`` takes the keywords of ``plan_launch``. ``num_splits``: None picks automatically (``choose_num_splits``), 1 disables split-KV, more
     forces that many prefix chunks. ``block_m``/``block_n`` override the tile sizes (powers of
     two, at least 16; ``block_m`` at least the GQA group); ``num_warps``/``num_stages`` the
     warps per program and pipeline stages.
@@ -518,6 +494,10 @@ def block_attention(
     it. A call made while a graph is being captured with an untuned key launches the default
     config (never tunes inside a capture) and leaves the key untuned.
     """
+    block_tables, context_lens, query_start_loc, causal = (
+        meta.block_tables, meta.context_lens, meta.query_start_loc, meta.causal)
+    max_query_len = meta.max_query_len
+    assert max_query_len is not None, "kernels.ops fills max_query_len"
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
@@ -527,9 +507,7 @@ def block_attention(
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
 
-    plan = plan_launch(q, k, k_cache, block_tables, max_query_len, num_splits=num_splits,
-                       block_m=block_m, block_n=block_n, num_warps=num_warps,
-                       num_stages=num_stages, autotune=autotune)
+    plan = plan_launch(q, k, k_cache, block_tables, max_query_len, **launch)
     num_splits = plan.num_splits
     interpreting = _interpreting()
 

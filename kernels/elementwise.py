@@ -53,9 +53,15 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, t, num_heads, stride_xt, stride_xh, stride_ot, stride_oh,
-                  c1, c2, s1, s2, offs, mask_d,
+                  cos_ptr, sin_ptr, stride_ct, stride_st, offs, mask_d,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[:half] = x1*c1 - x2*s1, out[half:] = x2*c2 + x1*s2 for every head of token t."""
+    """out[:half] = x1*c1 - x2*s1, out[half:] = x2*c2 + x1*s2 for every head of token t, with
+    (c1, c2) / (s1, s2) the halves of token t's cos / sin rows. Both halves of each table are
+    loaded (no assumption that they are equal)."""
+    c1 = tl.load(cos_ptr + t * stride_ct + offs, mask=mask_d, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_st + offs, mask=mask_d, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_st + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
     for h0 in range(0, num_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads < num_heads)[:, None] & mask_d[None, :]
@@ -80,19 +86,10 @@ def _rotary_qk_kernel(
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     mask_d = offs < HALF
-    # Both halves of each table are loaded (no assumption that they are equal).
-    c1 = tl.load(cos_q_ptr + t * stride_cqt + offs, mask=mask_d, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_q_ptr + t * stride_cqt + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_q_ptr + t * stride_sqt + offs, mask=mask_d, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_q_ptr + t * stride_sqt + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, qo_ptr, t, num_q_heads, stride_qt, stride_qh, stride_qot, stride_qoh,
-                  c1, c2, s1, s2, offs, mask_d, HALF, BLOCK_H)
-    c1 = tl.load(cos_ptr + t * stride_ct + offs, mask=mask_d, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_st + offs, mask=mask_d, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_st + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)
+                  cos_q_ptr, sin_q_ptr, stride_cqt, stride_sqt, offs, mask_d, HALF, BLOCK_H)
     _rotate_heads(k_ptr, ko_ptr, t, num_kv_heads, stride_kt, stride_kh, stride_kot, stride_koh,
-                  c1, c2, s1, s2, offs, mask_d, HALF, BLOCK_H)
+                  cos_ptr, sin_ptr, stride_ct, stride_st, offs, mask_d, HALF, BLOCK_H)
 
 
 @triton.jit

@@ -49,11 +49,7 @@ def _store_kv_kernel(
 
 
 def kv_store(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Launch the store (inputs assumed validated by ``kernels.ops``); in place, no sync."""
     num_tokens, num_kv_heads, head_dim = k.shape

@@ -22,9 +22,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import replace
 
 import torch
 
+from kernels.attention_metadata import AttentionMetadata
 from kernels.reference import (
     paged_attention_reference,
     rms_norm_reference,
@@ -34,7 +36,7 @@ from kernels.reference import (
 )
 
 __all__ = [
-    "paged_attention", "store_kv", "rms_norm", "rotary_qk", "silu_mul", "triton_available",
+    "AttentionMetadata", "paged_attention", "store_kv", "rms_norm", "rotary_qk", "silu_mul", "triton_available",
     "use_triton",
 ]
 
@@ -120,23 +122,17 @@ def _check_int_vector(name: str, t: torch.Tensor, length: int, dtypes: tuple, wh
 
 
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    causal: torch.Tensor,
-    scale: float,
-    max_query_len: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
     """Attention of each segment over its cached prefix and its own fresh K/V; ``[T, Hq, D]``.
 
-    ``max_query_len`` (host int, the largest segment length) sizes the Triton grid. If None it
-    is computed from ``query_start_loc``, which costs a device->host sync on the GPU.
+    ``meta.max_query_len`` (host int, the largest segment length) sizes the Triton grid. If
+    None it is computed from ``query_start_loc``, which costs a device->host sync on the GPU.
     """
+    block_tables, context_lens, query_start_loc, causal = (
+        meta.block_tables, meta.context_lens, meta.query_start_loc, meta.causal)
+    max_query_len = meta.max_query_len
     _check_rank("q", q, 3, "[T, Hq, D]")
     _check_fresh_and_cache(k, v, k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -177,25 +173,19 @@ def paged_attention(
         if num_seqs > 0:
             _check(int(query_start_loc[-1]) == num_tokens,
                    f"query_start_loc[-1]={int(query_start_loc[-1])} must equal T={num_tokens}")
-        return paged_attention_reference(q, k, v, k_cache, v_cache, block_tables, context_lens,
-                                         query_start_loc, causal, float(scale), max_query_len)
+        return paged_attention_reference(q, k, v, k_cache, v_cache, meta, float(scale))
 
     _require_triton(q.device)
     from kernels.block_attention import block_attention
 
     if max_query_len is None:
         lens = query_start_loc[1:] - query_start_loc[:-1]
-        max_query_len = int(lens.max()) if num_seqs > 0 else 0
-    return block_attention(q, k, v, k_cache, v_cache, block_tables, context_lens,
-                           query_start_loc, causal, float(scale), max_query_len)
+        meta = replace(meta, max_query_len=int(lens.max()) if num_seqs > 0 else 0)
+    return block_attention(q, k, v, k_cache, v_cache, meta, float(scale))
 
 
 def store_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write row ``t`` of ``k``/``v`` to cache slot ``slot_mapping[t]`` in place (-1: skip)."""
     _check_fresh_and_cache(k, v, k_cache, v_cache)
@@ -213,10 +203,7 @@ def store_kv(
 
 # ------------------------------------------------------------------------ elementwise ops
 def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, new_residual)``. With ``residual``, first ``x = x + residual`` (returned as
     ``new_residual``, in ``x``'s dtype); without, ``new_residual`` is ``x``. Then

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention_metadata import AttentionMetadata
+
 __all__ = [
     "paged_attention_reference", "store_kv_reference", "rms_norm_reference",
     "rotary_qk_reference", "silu_mul_reference",
@@ -42,35 +44,26 @@ def _gather_prefix(cache: torch.Tensor, pages: torch.Tensor, length: int) -> tor
 
 
 def paged_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    causal: torch.Tensor,
-    scale: float,
-    max_query_len: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
     """Attention of every segment over its cached prefix plus its own fresh keys.
 
     Returns ``[T, Hq, D]`` in ``q``'s dtype. Rows of ``q`` not covered by any segment are zero.
-    ``max_query_len`` is accepted for signature parity with the Triton path and ignored.
+    ``meta.max_query_len`` is not needed here.
     """
-    del max_query_len
+    block_tables = meta.block_tables
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     out = torch.zeros_like(q)
 
-    starts = query_start_loc.tolist()
-    ctx_lens = context_lens.tolist()
-    is_causal = causal.tolist()
+    starts = meta.query_start_loc.tolist()
+    ctx_lens = meta.context_lens.tolist()
+    is_causal = meta.causal.tolist()
     lens = {b - a for a, b in zip(starts, starts[1:])}
     if len(ctx_lens) > 1 and len(lens) == 1 and starts[-1] == num_tokens and 0 not in lens:
-        return _uniform_batch_attention(q, k, v, k_cache, v_cache, block_tables, ctx_lens, is_causal, scale)
+        return _uniform_batch_attention(q, (k, v), (k_cache, v_cache), block_tables, (ctx_lens, is_causal), scale)
     for s, ctx in enumerate(ctx_lens):
         start, end = starts[s], starts[s + 1]
         q_len = end - start
@@ -103,18 +96,17 @@ def paged_attention_reference(
 
 def _uniform_batch_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    fresh: tuple[torch.Tensor, torch.Tensor],
+    cache: tuple[torch.Tensor, torch.Tensor],
     block_tables: torch.Tensor,
-    ctx_lens: list[int],
-    is_causal: list[bool],
+    segments: tuple[list[int], list[bool]],
     scale: float,
 ) -> torch.Tensor:
     """The same attention for a batch whose segments all have one length (e.g. all decode
     rows): every sequence's prefix is gathered at once, padded to the longest, and one
-    masked batched attention replaces the per-sequence loop."""
+    masked batched attention replaces the per-sequence loop. ``fresh`` = (k, v), ``cache`` =
+    (k_cache, v_cache), ``segments`` = (context lengths, causal flags) as host lists."""
+    (k, v), (k_cache, v_cache), (ctx_lens, is_causal) = fresh, cache, segments
     num_seqs = len(ctx_lens)
     q_len = q.shape[0] // num_seqs
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -151,11 +143,7 @@ def _uniform_batch_attention(
 
 
 def store_kv_reference(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write row ``t`` of ``k``/``v`` to flat cache slot ``slot_mapping[t]`` in place.
 
@@ -173,10 +161,7 @@ def store_kv_reference(
 
 
 def rms_norm_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, new_residual)``: ``x = x + residual`` first when a residual is given (the sum, in
     ``x``'s dtype, is ``new_residual``; otherwise ``new_residual`` is ``x`` itself), then
@@ -199,12 +184,7 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def rotary_qk_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_q: torch.Tensor,
-    sin_q: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotate-half rotary: ``q`` ``[..., Hq, D]`` with the query tables, ``k``
     ``[..., Hkv, D]`` with the plain ones (tables ``[..., D]``, fp32); as ``apply_rotary``."""

@@ -132,6 +132,30 @@ async def _with_errors(frames: AsyncIterator[str]) -> AsyncIterator[str]:
     yield DONE_FRAME
 
 
+async def _event_frames(
+    generation: Generation,
+    meta: StreamMeta,
+    keepalive_s: float | None,
+    delta_frame: Callable[[ChoiceEvent], str],
+    finish_frame: Callable[[ChoiceEvent], str],
+    usage_frame: Callable[[UsageInfo], str],
+) -> AsyncIterator[str]:
+    """The frames of a stream's events, whatever the endpoint: keep-alives while waiting, a
+    frame per text/logprobs delta, a frame per finished choice, then usage when asked for."""
+    totals = _Totals()
+    async for event in generation.events(keepalive_s):
+        if event is None:
+            yield KEEPALIVE_FRAME
+            continue
+        if event.text or event.logprobs:
+            yield delta_frame(event)
+        if event.finish_reason is not None:
+            totals.add(event)
+            yield finish_frame(event)
+    if meta.include_usage:
+        yield usage_frame(totals.usage(meta))
+
+
 def chat_stream(generation: Generation, meta: StreamMeta, tokenizer: Any, keepalive_s: float | None) -> AsyncIterator[str]:
     """SSE frames of a streamed chat completion."""
 
@@ -143,27 +167,21 @@ def chat_stream(generation: Generation, meta: StreamMeta, tokenizer: Any, keepal
             c.usage = usage
         return sse_data(c)
 
+    def delta(event: ChoiceEvent) -> str:
+        logprobs = chat_logprobs(tokenizer, event.logprobs, meta.logprobs) if meta.logprobs is not None else None
+        content = ChatDelta(content=event.text)
+        return chunk([ChatChunkChoice(index=event.index, delta=content, logprobs=logprobs, finish_reason=None)])
+
+    def finish(event: ChoiceEvent) -> str:
+        done = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=event.finish_reason)  # type: ignore[arg-type]
+        return chunk([done])
+
     async def frames() -> AsyncIterator[str]:
         for index in meta.indices:
             role = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=index, delta=role, logprobs=None, finish_reason=None)])
-        totals = _Totals()
-        async for event in generation.events(keepalive_s):
-            if event is None:
-                yield KEEPALIVE_FRAME
-                continue
-            if event.text or event.logprobs:
-                logprobs = (
-                    chat_logprobs(tokenizer, event.logprobs, meta.logprobs) if meta.logprobs is not None else None
-                )
-                delta = ChatDelta(content=event.text)
-                yield chunk([ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs, finish_reason=None)])
-            if event.finish_reason is not None:
-                totals.add(event)
-                finish = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=event.finish_reason)  # type: ignore[arg-type]
-                yield chunk([finish])
-        if meta.include_usage:
-            yield chunk([], usage=totals.usage(meta))
+        async for frame in _event_frames(generation, meta, keepalive_s, delta, finish, lambda u: chunk([], usage=u)):
+            yield frame
 
     return _with_errors(frames())
 
@@ -184,21 +202,17 @@ def completion_stream(
         for index, text in meta.echo_texts.items():
             offsets[index] = len(text)
             yield chunk([CompletionChoice(index=index, text=text, logprobs=None, finish_reason=None)])
-        totals = _Totals()
-        async for event in generation.events(keepalive_s):
-            if event is None:
-                yield KEEPALIVE_FRAME
-                continue
-            if event.text or event.logprobs:
-                logprobs = None
-                if meta.logprobs is not None:
-                    logprobs = completion_logprobs(tokenizer, event.logprobs, meta.logprobs, offsets[event.index])
-                offsets[event.index] += len(event.text)
-                yield chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs, finish_reason=None)])
-            if event.finish_reason is not None:
-                totals.add(event)
-                yield chunk([CompletionChoice(index=event.index, text="", logprobs=None, finish_reason=event.finish_reason)])  # type: ignore[arg-type]
-        if meta.include_usage:
-            yield chunk([], usage=totals.usage(meta))
+        def delta(event: ChoiceEvent) -> str:
+            logprobs = None
+            if meta.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, event.logprobs, meta.logprobs, offsets[event.index])
+            offsets[event.index] += len(event.text)
+            return chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs, finish_reason=None)])
+
+        def finish(event: ChoiceEvent) -> str:
+            return chunk([CompletionChoice(index=event.index, text="", logprobs=None, finish_reason=event.finish_reason)])  # type: ignore[arg-type]
+
+        async for frame in _event_frames(generation, meta, keepalive_s, delta, finish, lambda u: chunk([], usage=u)):
+            yield frame
 
     return _with_errors(frames())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.ops import paged_attention, store_kv
+from kernels.ops import AttentionMetadata, paged_attention, store_kv
 from server.engine.request import Request
 from server.engine.work import Work
 
@@ -60,14 +60,11 @@ class HostBatch:
 
 @dataclass
 class BatchMetadata:
-    """Attention inputs of one ragged batch (see docs/design.md, "The attention contract")."""
+    """Attention inputs of one ragged batch (see docs/design.md, "The attention contract"):
+    the kernels' per-segment metadata plus where each row's K/V go."""
 
+    attention: AttentionMetadata
     slot_mapping: torch.Tensor  # [T] int64, -1 = do not write
-    block_tables: torch.Tensor  # [S, max_pages] int32
-    context_lens: torch.Tensor  # [S] int32
-    query_start_loc: torch.Tensor  # [S + 1] int32
-    causal: torch.Tensor  # [S] bool
-    max_query_len: int
 
 
 class PagedAttention:
@@ -77,12 +74,9 @@ class PagedAttention:
         self.k_cache, self.v_cache, self.meta, self.scale = k_cache, v_cache, meta, scale
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        m = self.meta
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        out = paged_attention(
-            q, k, v, kc, vc, m.block_tables, m.context_lens, m.query_start_loc, m.causal, self.scale, m.max_query_len
-        )
-        store_kv(k, v, kc, vc, m.slot_mapping)
+        out = paged_attention(q, k, v, kc, vc, self.meta.attention, self.scale)
+        store_kv(k, v, kc, vc, self.meta.slot_mapping)
         return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.ops import AttentionMetadata
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
 from server.model.model import DecoderModel
 
@@ -94,7 +95,8 @@ class GraphRunner:
         )
 
     def _forward(self, buf: StaticBuffers, q: int) -> torch.Tensor:
-        meta = BatchMetadata(buf.slots, buf.block_tables, buf.context_lens, buf.query_start_loc, buf.causal, q)
+        attention = AttentionMetadata(buf.block_tables, buf.context_lens, buf.query_start_loc, buf.causal, q)
+        meta = BatchMetadata(attention, buf.slots)
         lora = buf.lora if self.model.has_draft_lora else None
         return self.model(buf.input_ids, buf.positions, self.kv.context(meta), lora)
 

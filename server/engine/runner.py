@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.ops import AttentionMetadata
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
@@ -56,14 +57,14 @@ class ModelRunner:
     def forward_eager(self, hb: HostBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         tables = padded_tables(hb.tables, len(hb.tables), max(1, max(len(t) for t in hb.tables)))
-        meta = BatchMetadata(
-            slot_mapping=self._to_device(hb.slots, torch.int64),
+        attention = AttentionMetadata(
             block_tables=tables.to(self.device, non_blocking=True),
             context_lens=self._to_device(hb.context_lens, torch.int32),
             query_start_loc=self._to_device(hb.query_start_loc, torch.int32),
             causal=self._to_device(hb.causal, torch.bool),
             max_query_len=max(hb.query_lens),
         )
+        meta = BatchMetadata(attention, slot_mapping=self._to_device(hb.slots, torch.int64))
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         ctx = self.kv.context(meta)
         return self.model(self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64), ctx, lora_rows)

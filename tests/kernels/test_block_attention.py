@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kernels import ops
+from kernels.attention_metadata import AttentionMetadata
 from kernels.block_attention import block_attention, choose_block_sizes, choose_num_splits
 from kernels.reference import paged_attention_reference
 
@@ -51,10 +52,13 @@ class Batch:
     scale: float
     max_query_len: int
 
+    @property
+    def meta(self) -> AttentionMetadata:
+        return AttentionMetadata(self.block_tables, self.context_lens, self.query_start_loc, self.causal,
+                                 self.max_query_len)
+
     def args(self) -> tuple:
-        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.block_tables,
-                self.context_lens, self.query_start_loc, self.causal, self.scale,
-                self.max_query_len)
+        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.meta, self.scale)
 
 
 def make_batch(specs, num_kv_heads: int, group: int, head_dim: int, page_size: int,
@@ -231,21 +235,21 @@ def test_ops_dispatch_cpu(force_reference, monkeypatch):
         pytest.skip("Triton on CPU tensors needs the interpreter")
     assert_close(ops.paged_attention(*b.args()), ref, torch.float32)
     # max_query_len omitted: computed from query_start_loc.
-    assert_close(ops.paged_attention(*b.args()[:-1]), ref, torch.float32)
+    no_len = AttentionMetadata(b.block_tables, b.context_lens, b.query_start_loc, b.causal)
+    assert_close(ops.paged_attention(b.q, b.k, b.v, b.k_cache, b.v_cache, no_len, b.scale), ref, torch.float32)
 
 
 def test_empty_batch(device, force_triton):
     b = make_batch([(5, 1, True)], num_kv_heads=1, group=1, head_dim=16, page_size=16,
                    dtype=torch.float32, device=device)
     q = b.q[:0]
-    out = block_attention(q, b.k[:0], b.v[:0], b.k_cache, b.v_cache, b.block_tables[:0],
-                          b.context_lens[:0], b.query_start_loc[:1], b.causal[:0], b.scale, 0)
+    empty = AttentionMetadata(b.block_tables[:0], b.context_lens[:0], b.query_start_loc[:1], b.causal[:0], 0)
+    out = block_attention(q, b.k[:0], b.v[:0], b.k_cache, b.v_cache, empty, b.scale)
     assert out.shape == (0, 1, 16)
     cpu = make_batch([(5, 1, True)], num_kv_heads=1, group=1, head_dim=16, page_size=16,
                      dtype=torch.float32, device=torch.device("cpu"))
-    out = paged_attention_reference(cpu.q[:0], cpu.k[:0], cpu.v[:0], cpu.k_cache, cpu.v_cache,
-                                    cpu.block_tables[:0], cpu.context_lens[:0],
-                                    cpu.query_start_loc[:1], cpu.causal[:0], cpu.scale)
+    empty = AttentionMetadata(cpu.block_tables[:0], cpu.context_lens[:0], cpu.query_start_loc[:1], cpu.causal[:0])
+    out = paged_attention_reference(cpu.q[:0], cpu.k[:0], cpu.v[:0], cpu.k_cache, cpu.v_cache, empty, cpu.scale)
     assert out.shape == (0, 1, 16)
 
 
@@ -284,7 +288,10 @@ def _bad_inputs():
 def test_ops_rejects_bad_inputs(name, mutate, fragment, force_reference):
     b = make_batch(MIXED, num_kv_heads=2, group=2, head_dim=16, page_size=16,
                    dtype=torch.float32, device=torch.device("cpu"))
-    args = list(b.args())
+    # the flat argument list of before: q, k, v, k_cache, v_cache, 4 metadata tensors, scale, max_query_len
+    args = [b.q, b.k, b.v, b.k_cache, b.v_cache, b.block_tables, b.context_lens, b.query_start_loc, b.causal,
+            b.scale, b.max_query_len]
     mutate(args)
+    meta = AttentionMetadata(args[5], args[6], args[7], args[8], args[10])
     with pytest.raises(ValueError, match=fragment):
-        ops.paged_attention(*args)
+        ops.paged_attention(*args[:5], meta, args[9])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import ops
+from kernels.attention_metadata import AttentionMetadata
 from kernels.kv_store import kv_store
 from kernels.reference import paged_attention_reference, store_kv_reference
 
@@ -86,9 +87,8 @@ def test_store_then_attend_round_trip(use_triton, device, monkeypatch):
     i32 = dict(dtype=torch.int32, device=device)
     yes = torch.tensor([True], device=device)
 
-    one_shot = ops.paged_attention(q, k, v, k_cache, v_cache, block_tables,
-                                   torch.tensor([0], **i32), torch.tensor([0, total], **i32),
-                                   yes, scale, total)
+    whole = AttentionMetadata(block_tables, torch.tensor([0], **i32), torch.tensor([0, total], **i32), yes, total)
+    one_shot = ops.paged_attention(q, k, v, k_cache, v_cache, whole, scale)
 
     # A bidirectional draft over the empty cache writes nothing (-1 slots).
     ops.store_kv(k[:first], v[:first], k_cache, v_cache,
@@ -98,16 +98,13 @@ def test_store_then_attend_round_trip(use_triton, device, monkeypatch):
     # Chunk 1: positions 0..first-1, stored; chunk 2 attends over them through the pages.
     ops.store_kv(k[:first], v[:first], k_cache, v_cache,
                  torch.tensor(slot_of[:first], dtype=torch.int64, device=device))
-    second = ops.paged_attention(q[first:], k[first:], v[first:], k_cache, v_cache, block_tables,
-                                 torch.tensor([first], **i32),
-                                 torch.tensor([0, total - first], **i32), yes, scale,
-                                 total - first)
+    rest = AttentionMetadata(block_tables, torch.tensor([first], **i32), torch.tensor([0, total - first], **i32),
+                             yes, total - first)
+    second = ops.paged_attention(q[first:], k[first:], v[first:], k_cache, v_cache, rest, scale)
     torch.testing.assert_close(second, one_shot[first:], atol=1e-5, rtol=1e-5)
-    expected = paged_attention_reference(q.cpu(), k.cpu(), v.cpu(), k_cache.cpu(),
-                                         v_cache.cpu(), block_tables.cpu(),
-                                         torch.tensor([0], dtype=torch.int32),
-                                         torch.tensor([0, total], dtype=torch.int32),
-                                         yes.cpu(), scale)
+    whole_cpu = AttentionMetadata(block_tables.cpu(), torch.tensor([0], dtype=torch.int32),
+                                  torch.tensor([0, total], dtype=torch.int32), yes.cpu())
+    expected = paged_attention_reference(q.cpu(), k.cpu(), v.cpu(), k_cache.cpu(), v_cache.cpu(), whole_cpu, scale)
     torch.testing.assert_close(one_shot.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
