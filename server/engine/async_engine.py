@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 class AsyncEngine:
+    """The ``EngineClient`` over an ``LLMEngine`` driven by one background thread.
+
+    Invariants: only the engine thread touches the ``LLMEngine`` (requests and aborts reach
+    it through a command queue, drained before every step); each request's outputs are
+    delivered, in order, to the event loop that asked for them; a stream that ends without a
+    finished output (the client went away) posts an abort, so its KV pages are freed; an
+    exception in a step fails that step's requests and the loop keeps serving."""
+
     def __init__(self, loader: Callable[[], LLMEngine], model_name: str, tokenizer: Any = None) -> None:
         """``loader`` builds the LLMEngine inside the engine thread (so /ready can answer
         503 while the weights load); ``tokenizer``, if given, is usable before that."""
@@ -89,18 +97,10 @@ class AsyncEngine:
         return self._require().max_model_len
 
     @property
-    def block_size(self) -> int:
-        return self._require().model_config.block_size
-
-    @property
     def tokenizer(self) -> Any:
         if self.engine is None and self._tokenizer is not None:
             return self._tokenizer
         return self._require().tokenizer
-
-    @property
-    def is_diffusion(self) -> bool:
-        return self._require().model_config.is_diffusion
 
     def kv_pages_free(self) -> int:
         return self._require().kv.num_free_pages

@@ -29,15 +29,16 @@ class EngineClient(Protocol):
 
     model_name: str  # default served name (the folder name unless overridden)
     max_model_len: int  # context length: prompt + generated tokens must fit
-    block_size: int  # the checkpoint's default block length
     tokenizer: Any  # a transformers PreTrainedTokenizerBase (with chat template)
 
     def is_ready(self) -> bool:
         """True once the model is loaded and the engine loop is running (and not draining)."""
 
     def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Submit a request and stream its outputs. Raises ValueError for invalid params,
-        QueueFullError when the waiting queue is full."""
+        """Submit a request and stream its outputs. ``params`` are resolved by the engine on
+        admission; raises ParamError (a ValueError naming the field) for params the mode or
+        the model cannot honour, ValueError for other bad input, QueueFullError when the
+        waiting queue is full."""
 
     async def abort(self, request_id: str, reason: str = "abort") -> None:
         """End a request early (no-op if it already finished). ``reason`` is its finish

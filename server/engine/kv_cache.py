@@ -26,6 +26,10 @@ class PageTable:
 
 
 class KVCacheManager:
+    """Owns the page pool's bookkeeping (see the module docstring for its invariants, which
+    ``check_integrity`` verifies). Callers own their ``PageTable``s; every page a table lists
+    is released exactly once, by ``free`` or ``truncate``. Plain Python, no tensors."""
+
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError("num_pages and page_size must be >= 1")

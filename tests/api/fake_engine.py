@@ -84,7 +84,6 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self.block_size = block_size
         self.page_size = page_size
         self._total_pages = total_pages
         self._free_pages = total_pages
