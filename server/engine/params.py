@@ -148,6 +148,12 @@ class ModeParams:
 
     mode: str
 
+    def of(self, mode: str) -> "ModeParams":
+        """The params ``mode`` runs with. A mode reads its params through this, so a composite
+        mode (one that delegates to others per step) can hold theirs and hand each its own."""
+        assert mode == self.mode, f"params of mode {self.mode!r} asked for {mode!r}"
+        return self
+
 
 @dataclass(frozen=True)
 class ResolvedParams:

@@ -193,5 +193,6 @@ class BlockDiffusionMode(DecodeMode):
 
 
 def _params(params: ModeParams) -> DiffusionParams:
-    assert isinstance(params, DiffusionParams)
-    return params
+    own = params.of(BlockDiffusionMode.name)
+    assert isinstance(own, DiffusionParams)
+    return own

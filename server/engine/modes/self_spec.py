@@ -199,5 +199,6 @@ class SelfSpeculativeMode(DecodeMode):
 
 
 def _params(params: ModeParams) -> SelfSpecParams:
-    assert isinstance(params, SelfSpecParams)
-    return params
+    own = params.of(SelfSpeculativeMode.name)
+    assert isinstance(own, SelfSpecParams)
+    return own
