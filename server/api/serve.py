@@ -3,12 +3,18 @@
 SIGTERM (or the first Ctrl-C): /ready turns 503 and new generation requests are refused,
 in-flight requests get up to ``--drain-timeout`` seconds to finish, then uvicorn shuts down.
 A second Ctrl-C exits at once.
+
+A replica that cannot serve ends itself so that its orchestrator replaces it: a failed
+model load exits with ``EXIT_LOAD_FAILED`` and a one-line reason on stderr; an engine
+thread that dies later turns /health to 503, ends in-flight requests with an error and
+exits with ``EXIT_ENGINE_DIED``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 from types import FrameType
@@ -18,6 +24,9 @@ import uvicorn
 from server.config import EngineConfig
 
 logger = logging.getLogger("server")
+
+EXIT_LOAD_FAILED = 3
+EXIT_ENGINE_DIED = 4
 
 
 class DrainingServer(uvicorn.Server):
@@ -29,6 +38,15 @@ class DrainingServer(uvicorn.Server):
         self.app_state = config.app.state
         self.drain_timeout = drain_timeout
         self._draining = False
+        self.exit_code = 0
+        self.failure: str | None = None
+
+    def fail(self, reason: str, exit_code: int) -> None:
+        """The engine cannot serve: stop now (thread-safe) and exit with ``exit_code``."""
+        if self.failure is None:
+            self.failure, self.exit_code = reason, exit_code
+        logger.error("%s; shutting down", reason)
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:
@@ -62,10 +80,17 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
     from server.model.loader import load_tokenizer
 
     metrics = Metrics(model_name=served_model_names[0])
+    server: DrainingServer | None = None
+
+    def on_fatal(reason: str) -> None:
+        assert server is not None  # the engine thread starts after the server is built
+        server.fail(reason, EXIT_LOAD_FAILED if engine.load_error is not None else EXIT_ENGINE_DIED)
+
     # the tokenizer loads first (fast) so the app can be built and answer /ready with 503
     # while the weights load in the engine thread
     engine = AsyncEngine(
-        lambda: LLMEngine.from_pretrained(config, metrics=metrics), served_model_names[0], tokenizer=load_tokenizer(config.model)
+        lambda: LLMEngine.from_pretrained(config, metrics=metrics), served_model_names[0],
+        tokenizer=load_tokenizer(config.model), on_fatal=on_fatal,
     )
     app = create_app(
         engine,
@@ -77,9 +102,11 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
         metrics_registry=metrics.registry,
         version=__version__,
     )
-    engine.start()
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, engine, args.drain_timeout)
+    engine.start()
     server.run()
     engine.shutdown()
-    return 0
+    if server.failure is not None:
+        print(f"nld-server: error: {server.failure}", file=sys.stderr)
+    return server.exit_code
