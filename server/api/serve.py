@@ -12,16 +12,16 @@ exits with ``EXIT_ENGINE_DIED``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from server.config import EngineConfig
+from server.options import Settings
 
 logger = logging.getLogger("server")
 
@@ -69,16 +69,22 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=wait_then_exit, name="drain", daemon=True).start()
 
 
-def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: list[str]) -> int:
+def serve(settings: Settings) -> int:
+    """Load the model and serve until SIGTERM (exit 0 once drained) or a fatal engine
+    failure (``EXIT_LOAD_FAILED`` / ``EXIT_ENGINE_DIED``, one line on stderr)."""
     from server import __version__
     from server.api.app import create_app
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine import LLMEngine
     from server.metrics import Metrics
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.model.loader import load_tokenizer
+    from server.replica import configure_logging, labelled_registry, replica_id
 
+    config = settings.engine_config()
+    served_model_names = settings.served_model_name or [Path(config.model).name]
+    replica = replica_id(settings.replica_id)
+    configure_logging(settings.log_level, replica)
+    logger.info("replica %s; settings: %s", replica, "; ".join(settings.describe()))
     metrics = Metrics(model_name=served_model_names[0])
     server: DrainingServer | None = None
 
@@ -95,15 +101,18 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
     app = create_app(
         engine,
         served_model_names=served_model_names,
-        api_key=args.api_key,
+        api_key=settings.api_key,
         default_mode=config.default_mode,
         default_refine_steps=config.default_refine_steps,
-        max_body_bytes=args.max_body_bytes,
-        metrics_registry=metrics.registry,
+        max_body_bytes=settings.max_body_bytes,
+        metrics_registry=labelled_registry(metrics.registry, replica),
         version=__version__,
     )
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    server = DrainingServer(uv_config, engine, args.drain_timeout)
+    uv_config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+    server = DrainingServer(uv_config, engine, settings.drain_timeout)
     engine.start()
     server.run()
     engine.shutdown()
