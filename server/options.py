@@ -204,8 +204,9 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
     import yaml
 
     source = f"config file {path}"
+    path = _locate(Path(path))
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise OptionError(f"{source}: cannot read it: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
@@ -222,6 +223,15 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
         if command in option.commands:
             values[option.key] = option.check(value, source)
     return values
+
+
+def _locate(path: Path) -> Path:
+    """``path``, or for a relative path missing here, the same path in the source checkout
+    (so ``config: configs/x.yaml`` works from a Ray worker whose directory is elsewhere)."""
+    if path.is_absolute() or path.exists():
+        return path
+    checkout = Path(__file__).resolve().parents[1] / path
+    return checkout if checkout.exists() else path
 
 
 def read_environment(env: Mapping[str, str], command: str) -> dict[str, Any]:
@@ -243,14 +253,19 @@ def read_environment(env: Mapping[str, str], command: str) -> dict[str, Any]:
     return values
 
 
-def resolve(command: str, flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> "Settings":
+def resolve(
+    command: str, flags: Mapping[str, Any], env: Mapping[str, str] | None = None, flags_source: str | None = None
+) -> "Settings":
     """Merge defaults < config files < environment < flags for ``command``.
-    ``flags`` is the argparse namespace as a dict (SUPPRESS defaults: given flags only)."""
+    ``flags`` is the argparse namespace as a dict (SUPPRESS defaults: given flags only), or
+    settings given by a host such as Ray Serve (then named ``flags_source`` in errors)."""
     env = os.environ if env is None else env
     values = {o.key: o.default for o in options_for(command)}
     sources = {key: "default" for key in values}
     flags = dict(flags)
     config_files = flags.pop("config", None)
+    if isinstance(config_files, str):
+        config_files = [config_files]
     if config_files is None and env.get(CONFIG_ENV, "").strip():
         config_files = [p.strip() for p in env[CONFIG_ENV].split(",") if p.strip()]
     for path in config_files or []:
@@ -261,9 +276,12 @@ def resolve(command: str, flags: Mapping[str, Any], env: Mapping[str, str] | Non
     values.update(layer)
     sources.update({key: f"environment variable {BY_KEY[key].env}" for key in layer})
     for key, value in flags.items():
-        option = BY_KEY[key]
-        values[key] = option.check(value, f"flag {option.flag}")
-        sources[key] = f"flag {option.flag}"
+        option = BY_KEY.get(key)
+        if option is None or command not in option.commands:
+            raise OptionError(f"{flags_source or 'flags'}: unknown setting {key!r}{_did_you_mean(key)}")
+        source = f"flag {option.flag}" if flags_source is None else flags_source
+        values[key] = option.check(value, source)
+        sources[key] = source
     return Settings(values, sources, tuple(config_files or ()))
 
 

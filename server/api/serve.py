@@ -16,8 +16,10 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any, Callable
 
 import uvicorn
 
@@ -69,9 +71,19 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=wait_then_exit, name="drain", daemon=True).start()
 
 
-def serve(settings: Settings) -> int:
-    """Load the model and serve until SIGTERM (exit 0 once drained) or a fatal engine
-    failure (``EXIT_LOAD_FAILED`` / ``EXIT_ENGINE_DIED``, one line on stderr)."""
+@dataclass
+class Replica:
+    """One serving replica: the engine (its thread not started yet) and the app around it."""
+
+    replica_id: str
+    engine: Any  # AsyncEngine
+    app: Any  # FastAPI
+    settings: Settings
+
+
+def build_replica(settings: Settings, on_fatal: Callable[[str], None] | None, replica: str | None = None) -> Replica:
+    """The engine and the app of ``settings``, with the replica id in logs and on every
+    metric. Call ``replica.engine.start()`` to load the weights (in the engine thread)."""
     from server import __version__
     from server.api.app import create_app
     from server.engine.async_engine import AsyncEngine
@@ -82,16 +94,10 @@ def serve(settings: Settings) -> int:
 
     config = settings.engine_config()
     served_model_names = settings.served_model_name or [Path(config.model).name]
-    replica = replica_id(settings.replica_id)
+    replica = replica or replica_id(settings.replica_id)
     configure_logging(settings.log_level, replica)
     logger.info("replica %s; settings: %s", replica, "; ".join(settings.describe()))
     metrics = Metrics(model_name=served_model_names[0])
-    server: DrainingServer | None = None
-
-    def on_fatal(reason: str) -> None:
-        assert server is not None  # the engine thread starts after the server is built
-        server.fail(reason, EXIT_LOAD_FAILED if engine.load_error is not None else EXIT_ENGINE_DIED)
-
     # the tokenizer loads first (fast) so the app can be built and answer /ready with 503
     # while the weights load in the engine thread
     engine = AsyncEngine(
@@ -108,8 +114,22 @@ def serve(settings: Settings) -> int:
         metrics_registry=labelled_registry(metrics.registry, replica),
         version=__version__,
     )
+    return Replica(replica, engine, app, settings)
+
+
+def serve(settings: Settings) -> int:
+    """Load the model and serve until SIGTERM (exit 0 once drained) or a fatal engine
+    failure (``EXIT_LOAD_FAILED`` / ``EXIT_ENGINE_DIED``, one line on stderr)."""
+    server: DrainingServer | None = None
+
+    def on_fatal(reason: str) -> None:
+        assert server is not None  # the engine thread starts after the server is built
+        server.fail(reason, EXIT_LOAD_FAILED if engine.load_error is not None else EXIT_ENGINE_DIED)
+
+    replica = build_replica(settings, on_fatal)
+    engine = replica.engine
     uv_config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+        replica.app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
         timeout_graceful_shutdown=5,
     )
     server = DrainingServer(uv_config, engine, settings.drain_timeout)

@@ -7,6 +7,7 @@ exports, and the drain fits in the termination grace period."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,10 +73,19 @@ PODMONITOR_SCHEMA = {
 }
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def kubectl_with_kustomize_v5() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (.ci/run installs Debian's kubernetes-client when it can)")
+    out = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30)
+    version = json.loads(out.stdout or "{}").get("kustomizeVersion", "v0")
+    if int(version.lstrip("v").split(".")[0] or 0) < 5:
+        pytest.skip(f"kubectl's kustomize is {version}; the manifests use kustomize v5 syntax (kubectl >= 1.27)")
+    return kubectl
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    kubectl = kubectl_with_kustomize_v5()
     proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
