@@ -7,6 +7,7 @@ and the survivor's KV pool ends at its initial free count."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -35,8 +36,9 @@ def load_config() -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(scope="module")
-def proxy_url() -> Iterator[str]:
+@contextlib.contextmanager
+def local_serve() -> Iterator[str]:
+    """A local Ray instance with Serve's HTTP proxy on a free loopback port; yields its URL."""
     env = {**SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="nld-test",
              runtime_env={"env_vars": env})
@@ -47,6 +49,12 @@ def proxy_url() -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def proxy_url() -> Iterator[str]:
+    with local_serve() as url:
+        yield url
 
 
 def deploy(num_replicas: int) -> None:
@@ -61,11 +69,11 @@ def deploy(num_replicas: int) -> None:
     serve.run(NLDServer.options(num_replicas=num_replicas, **deployment).bind(settings), name=APP, route_prefix="/")
 
 
-def one_request(url: str, i: int, client: httpx.Client) -> dict[str, Any]:
+def one_request(url: str, i: int, client: httpx.Client, max_tokens: int = 6) -> dict[str, Any]:
     """Request ``i`` (mode and streaming vary with i); never raises."""
     mode, stream = MODES[i % 3], i % 2 == 0
     body = {"model": "nld-embedded", "messages": [{"role": "user", "content": f"Tell story number {i}."}],
-            "max_tokens": 6, "mode": mode, "stream": stream, "temperature": 0}
+            "max_tokens": max_tokens, "ignore_eos": True, "mode": mode, "stream": stream, "temperature": 0}
     started = time.monotonic()
     record: dict[str, Any] = {"i": i, "mode": mode, "stream": stream, "started": started, "ok": False}
     try:
@@ -87,10 +95,10 @@ def one_request(url: str, i: int, client: httpx.Client) -> dict[str, Any]:
     return record
 
 
-def run_requests(url: str, indices: range, concurrency: int = CONCURRENCY) -> list[dict[str, Any]]:
+def run_requests(url: str, indices: range, concurrency: int = CONCURRENCY, max_tokens: int = 6) -> list[dict[str, Any]]:
     with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as client:
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda i: one_request(url, i, client), indices))
+            return list(pool.map(lambda i: one_request(url, i, client, max_tokens), indices))
 
 
 def replica_states() -> dict[str, int]:
