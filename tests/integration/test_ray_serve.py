@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.schema import ServeDeploySchema
 
 from tests.integration.conftest import ROOT, SUBPROCESS_ENV, free_port
@@ -57,7 +59,20 @@ def proxy_url() -> Iterator[str]:
         yield url
 
 
-def deploy(num_replicas: int) -> None:
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free (the per-replica metrics ports of two replicas)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def deploy(num_replicas: int, metrics_port: int | None = None) -> None:
     """The application of deploy/ray/serve-cpu.yaml with a fixed replica count and a
     small KV pool (the 2-core CI machine)."""
     from server.ray_serve import NLDServer
@@ -66,7 +81,17 @@ def deploy(num_replicas: int) -> None:
     deployment = {k: v for k, v in app["deployments"][0].items() if k not in ("name", "autoscaling_config")}
     settings = {**app["args"]["settings"], "config": str(ROOT / app["args"]["settings"]["config"]),
                 "kv_cache_tokens": 4096, "max_model_len": 1024}
-    serve.run(NLDServer.options(num_replicas=num_replicas, **deployment).bind(settings), name=APP, route_prefix="/")
+    bound = NLDServer.options(num_replicas=num_replicas, **deployment).bind(settings, metrics_port)
+    serve.run(bound, name=APP, route_prefix="/")
+
+
+def finished_requests(metrics_url: str) -> tuple[str, float]:
+    """(the replica label, finished requests) from one replica's own /metrics."""
+    text = httpx.get(metrics_url, timeout=10).text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "nld_request_success_total"]
+    replicas = {s.labels["replica"] for s in samples}
+    assert len(replicas) == 1, replicas
+    return replicas.pop(), sum(s.value for s in samples)
 
 
 def one_request(url: str, i: int, client: httpx.Client, max_tokens: int = 6) -> dict[str, Any]:
@@ -130,7 +155,8 @@ def kill(replica: str) -> None:
 @pytest.mark.timeout(900)
 def test_two_replicas_serve_survive_a_kill_and_recover(proxy_url: str) -> None:
     t0 = time.monotonic()
-    deploy(num_replicas=2)
+    metrics_port = free_port_pair()
+    deploy(num_replicas=2, metrics_port=metrics_port)
     print(f"\ntwo replicas deployed in {time.monotonic() - t0:.1f} s")
     initial = kv_pools(2)
     assert all(p["free"] == p["total"] for p in initial.values()), initial
@@ -140,6 +166,11 @@ def test_two_replicas_serve_survive_a_kill_and_recover(proxy_url: str) -> None:
     assert {(r["mode"], r["stream"]) for r in records} == {(m, s) for m in MODES for s in (True, False)}
     served = {r["replica"] for r in records}
     assert served == set(initial), (served, set(initial))  # both replicas took traffic
+    # each replica's own /metrics (metrics_port + its rank on the node) counts its share
+    per_replica = dict(finished_requests(f"http://127.0.0.1:{metrics_port + k}/metrics") for k in (0, 1))
+    assert set(per_replica) == set(initial), per_replica
+    for replica, count in per_replica.items():
+        assert count == sum(r["replica"] == replica for r in records), (per_replica, replica)
 
     # --- kill one replica while requests flow -----------------------------------------
     victim, survivor = sorted(initial)
@@ -203,6 +234,8 @@ def test_build_app_from_the_config_args() -> None:
     assert isinstance(build_app(app["args"]), serve.Application)
     with pytest.raises(ValueError, match="unknown application args"):
         build_app({"max_num_seqs": 3})
+    with pytest.raises(ValueError, match="metrics_port must be a port number"):
+        build_app({"metrics_port": "9100"})
     gpu = yaml.safe_load((ROOT / "deploy" / "ray" / "serve-gpu.yaml").read_text())
     ServeDeploySchema.model_validate(gpu)
     assert gpu["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
