@@ -24,9 +24,8 @@ def parse_settings(parser: argparse.ArgumentParser, command: str, argv: list[str
     return args, settings
 
 
-def cmd_generate(argv: list[str]) -> int:
-    from server.engine.engine import LLMEngine
-    from server.engine.params import MODES, DecodeParams, RequestParams, SamplingParams
+def generate_parser() -> argparse.ArgumentParser:
+    from server.engine.params import MODES
 
     p = argparse.ArgumentParser(prog="python -m server generate", description="Generate offline and print JSON.")
     add_arguments(p, GENERATE)
@@ -44,6 +43,14 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--policy", default="threshold", choices=["threshold", "low_confidence", "leftmost"],
                    help="diffusion: which masked tokens to commit each pass")
     p.add_argument("--draft-length", type=int, default=None, help="self_spec: tokens drafted per cycle")
+    return p
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from server.engine.engine import LLMEngine
+    from server.engine.params import DecodeParams, RequestParams, SamplingParams
+
+    p = generate_parser()
     args, settings = parse_settings(p, GENERATE, argv)
     try:
         engine = LLMEngine.from_pretrained(settings.engine_config())
@@ -94,15 +101,19 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-def cmd_serve(argv: list[str]) -> int:
-    from server.api.serve import serve
-
+def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m server", description="Serve the OpenAI-compatible API.",
         epilog="Settings layer as: defaults < --config files < NLD_* environment variables < flags.",
     )
     add_arguments(p, SERVE)
-    _, settings = parse_settings(p, SERVE, argv)
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from server.api.serve import serve
+
+    _, settings = parse_settings(serve_parser(), SERVE, argv)
     return serve(settings)
 
 

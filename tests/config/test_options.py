@@ -139,27 +139,23 @@ def test_generate_ignores_server_keys_of_a_shared_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", [SERVE, GENERATE])
 def test_every_flag_has_help(command: str) -> None:
-    import server.__main__ as cli
+    from server.__main__ import generate_parser, serve_parser
 
-    parsers: list[argparse.ArgumentParser] = []
-    real = argparse.ArgumentParser.parse_args
-
-    def capture(self: argparse.ArgumentParser, *a: object, **k: object) -> None:
-        parsers.append(self)
-        raise SystemExit(0)
-
-    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
-    try:
-        with pytest.raises(SystemExit):
-            (cli.cmd_serve if command == SERVE else cli.cmd_generate)([])
-    finally:
-        argparse.ArgumentParser.parse_args = real  # type: ignore[method-assign]
-    actions = [a for a in parsers[0]._actions if a.option_strings]
+    parser = serve_parser() if command == SERVE else generate_parser()
+    actions = [a for a in parser._actions if a.option_strings]
     assert len(actions) > 10
     for action in actions:
         assert action.help and action.help.strip(), action.option_strings
     flags = {s for a in actions for s in a.option_strings}
     assert {o.flag for o in OPTIONS if command in o.commands} <= flags
+
+
+def test_every_bench_flag_has_help() -> None:
+    from server.bench.cli import build_parser
+
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 10 and all(a.help and a.help.strip() for a in actions), [
+        a.option_strings for a in actions if not a.help]
 
 
 def test_option_table_is_consistent_with_engine_config() -> None:
