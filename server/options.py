@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ class Option:
             value = float(value)
         if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
             raise OptionError(f"{where}: expected {self.kind.__name__}, got {value!r}")
+        if self.kind is float and not math.isfinite(value):
+            raise OptionError(f"{where}: expected a finite number, got {value!r}")
         choices = self.allowed_choices()
         if choices is not None and value not in choices:
             raise OptionError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")

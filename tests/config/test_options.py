@@ -110,6 +110,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
         ({"NLD_PORT": "tcp://10.0.0.1:8000"}, "NLD_PORT: port: expected int"),  # a Kubernetes service link
         ({"NLD_MAX_NUM_SEQ": "4"}, "environment variable NLD_MAX_NUM_SEQ: unknown setting; did you mean 'NLD_MAX_NUM_SEQS'?"),
         ({"NLD_DRAIN_TIMEOUT": "-1"}, "NLD_DRAIN_TIMEOUT: drain_timeout: must be >= 0"),
+        ({"NLD_DRAIN_TIMEOUT": "nan"}, "NLD_DRAIN_TIMEOUT: drain_timeout: expected a finite number"),
     ],
 )
 def test_environment_errors_name_the_variable(env: dict, message: str) -> None:
