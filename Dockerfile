@@ -39,6 +39,8 @@ RUN pip install --no-cache-dir --no-deps /tmp/nld-build \
 
 COPY --chmod=755 deploy/entrypoint.sh /opt/nld/entrypoint.sh
 COPY deploy/healthcheck.py /opt/nld/healthcheck.py
+# Serving presets (select one with NLD_CONFIG=/opt/nld/configs/NAME.yaml).
+COPY configs /opt/nld/configs
 
 # Unprivileged user; /models is the mount point of an external model folder.
 RUN groupadd --gid 10001 nld \

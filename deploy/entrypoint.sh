@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Container entrypoint: maps NLD_* environment variables to `python -m server` flags and
+# Container entrypoint: maps NLD_* environment variables to `python -m server` flags (the
+# server reads NLD_<SETTING> variables itself too; see docs/deployment.md) and
 # execs the server (so it is PID 1's child-free replacement and receives SIGTERM directly).
 #
 #   NLD_MODEL              model folder (HF layout). Unset: /models if it holds a
@@ -7,7 +8,7 @@
 #                          (no --model flag: the server's default).
 #   NLD_MODEL_DIR          where a mounted model is looked for (default /models)
 #   NLD_HOST / NLD_PORT    bind address (default 0.0.0.0:8000)
-#   NLD_API_KEY            --api-key (Bearer token required on /v1/*)
+#   NLD_API_KEY            read by the server itself (Bearer token required on /v1/*)
 #   NLD_SERVED_MODEL_NAME  --served-model-name
 #   NLD_DEFAULT_MODE       --default-mode (ar | diffusion | self_spec)
 #   NLD_EXTRA_ARGS         more flags, split on whitespace (no quoting; pass arguments
@@ -40,9 +41,8 @@ if [[ -n "$model" ]]; then
     args+=(--model "$model")
 fi
 args+=(--host "$host" --port "$port")
-if [[ -n "${NLD_API_KEY:-}" ]]; then
-    args+=(--api-key "$NLD_API_KEY")
-fi
+# NLD_API_KEY is not mapped: the server reads it (and every NLD_<SETTING>) from the
+# environment itself, which keeps the key out of the process list.
 if [[ -n "${NLD_SERVED_MODEL_NAME:-}" ]]; then
     args+=(--served-model-name "$NLD_SERVED_MODEL_NAME")
 fi

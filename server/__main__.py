@@ -6,66 +6,55 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from server.config import DEFAULT_MODEL_DIR, EngineConfig
-from server.engine.modes import mode_names
-from server.engine.params import POLICIES
+from server.options import GENERATE, SERVE, OptionError, Settings, add_arguments, options_for, resolve
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local Hugging Face folder (default: the embedded model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-cache-tokens", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--default-mode", default="ar", choices=mode_names())
-    p.add_argument("--default-refine-steps", type=int, default=None)
+def parse_settings(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> tuple[argparse.Namespace, Settings]:
+    """Parse ``argv`` and layer it over the defaults, config files and ``NLD_*`` variables;
+    a bad setting ends the program with status 2 and a message naming it."""
+    args = parser.parse_args(argv)
+    keys = {"config"} | {o.key for o in options_for(command)}
+    given = {k: v for k, v in vars(args).items() if k in keys}
+    try:
+        settings = resolve(command, given)
+        settings.engine_config()  # cross-field checks, before anything loads
+    except OptionError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return args, settings
 
 
-def engine_config(args: argparse.Namespace, **extra: object) -> EngineConfig:
-    return EngineConfig(
-        model=str(args.model or DEFAULT_MODEL_DIR),
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        page_size=args.page_size,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
-        default_mode=args.default_mode,
-        default_refine_steps=args.default_refine_steps,
-        **extra,  # type: ignore[arg-type]
-    )
+def generate_parser() -> argparse.ArgumentParser:
+    from server.engine.modes import mode_names
+    from server.engine.params import POLICIES
+
+    p = argparse.ArgumentParser(prog="python -m server generate", description="Generate offline and print JSON.")
+    add_arguments(p, GENERATE)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--mode", default=None, choices=mode_names(), help="decoding mode (default: --default-mode)")
+    p.add_argument("--refine-steps", type=int, default=None, help="diffusion: denoising passes per block")
+    p.add_argument("--block-length", type=int, default=None, help="diffusion/self_spec block length")
+    p.add_argument("--threshold", type=float, default=None, help="diffusion: confidence to unmask a token")
+    p.add_argument("--policy", default=None, choices=POLICIES,
+                   help="diffusion: which masked tokens to commit each pass")
+    p.add_argument("--draft-length", type=int, default=None, help="self_spec: tokens drafted per cycle")
+    return p
 
 
 def cmd_generate(argv: list[str]) -> int:
     from server.engine.engine import LLMEngine
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
 
-    p = argparse.ArgumentParser(prog="python -m server generate", description="Generate offline and print JSON.")
-    add_engine_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mode", default=None, choices=mode_names())
-    p.add_argument("--refine-steps", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--policy", default=None, choices=POLICIES)
-    p.add_argument("--draft-length", type=int, default=None)
-    args = p.parse_args(argv)
+    p = generate_parser()
+    args, settings = parse_settings(p, GENERATE, argv)
     try:
-        engine = LLMEngine.from_pretrained(engine_config(args))
+        engine = LLMEngine.from_pretrained(settings.engine_config())
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("the model folder has no tokenizer; cannot encode --prompt")
@@ -79,7 +68,7 @@ def cmd_generate(argv: list[str]) -> int:
                 max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
             ),
             DecodeParams(
-                mode=args.mode or args.default_mode,
+                mode=args.mode or settings.default_mode,
                 refine_steps=args.refine_steps,
                 block_length=args.block_length,
                 threshold=args.threshold,
@@ -113,23 +102,20 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m server", description="Serve the OpenAI-compatible API.",
+        epilog="Settings layer as: defaults < --config files < NLD_* environment variables < flags.",
+    )
+    add_arguments(p, SERVE)
+    return p
+
+
 def cmd_serve(argv: list[str]) -> int:
     from server.api.serve import serve
 
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve the OpenAI-compatible API.")
-    add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--served-model-name", action="append", default=None)
-    p.add_argument("--max-waiting", type=int, default=1024)
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    config = engine_config(args, max_waiting=args.max_waiting)
-    names = args.served_model_name or [Path(config.model).name]
-    return serve(config, args, names)
+    _, settings = parse_settings(serve_parser(), SERVE, argv)
+    return serve(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

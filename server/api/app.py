@@ -79,12 +79,21 @@ def _generation_responses(model: type, chunk_model: type) -> dict[int | str, dic
     return {200: {"model": model, "content": stream, "description": "JSON, or SSE when stream is true"}, **_ERRORS}
 
 
-def _is_ready(engine: EngineClient) -> bool:
+def _engine_says(engine: EngineClient, question: str) -> bool:
+    """``engine.is_ready()`` / ``engine.is_healthy()``, False if asking fails."""
     try:
-        return bool(engine.is_ready())
+        return bool(getattr(engine, question)())
     except Exception:
-        logger.exception("engine.is_ready() failed")
+        logger.exception("engine.%s() failed", question)
         return False
+
+
+def _is_ready(engine: EngineClient) -> bool:
+    return _engine_says(engine, "is_ready")
+
+
+def _is_healthy(engine: EngineClient) -> bool:
+    return _engine_says(engine, "is_healthy")
 
 
 def _bound_token_ids(node: Any, vocab_size: int) -> None:
@@ -202,10 +211,15 @@ def create_app(
     async def get_model(model_id: str) -> ModelCard:
         return card(resolve_model(settings, model_id))
 
-    @app.get("/health", response_model=HealthStatus, tags=["ops"])
-    async def health() -> HealthStatus:
-        """Liveness: the HTTP process answers."""
-        return HealthStatus(status="ok")
+    @app.get(
+        "/health", response_model=HealthStatus, tags=["ops"],
+        responses={503: {"model": HealthStatus, "description": "The engine failed and cannot serve"}},
+    )
+    async def health() -> Response:
+        """Liveness: 200 while the engine can serve (or is still loading); 503 once it failed."""
+        if not _is_healthy(engine):
+            return JSONResponse({"status": "failed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get(
         "/ready", response_model=HealthStatus, tags=["ops"],

@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("requests")
     g.add_argument("--prompts-file", default=None, help="prompts: .jsonl / .json / .txt (default: built-in set)")
-    g.add_argument("--max-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--max-tokens", type=_positive_int, default=128, help="max_tokens of every request")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (vLLM/SGLang/ours)")
     g.add_argument("--extra-body", type=_json_obj, default={}, metavar="JSON",
                    help="fields merged into every request body")
@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
     g.add_argument("--save-outputs", action="store_true", help="store every generated text in result.json")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

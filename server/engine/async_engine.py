@@ -4,7 +4,9 @@ One background thread owns the model and runs ``LLMEngine.step()`` while there i
 Other threads never touch engine state: they post commands (add, abort) to a queue that the
 engine thread drains before each step, and receive outputs through per-request asyncio
 queues. A failing step is logged, its requests are finished with an error, and the loop
-goes on serving.
+goes on serving. If the thread itself dies (a failed load, or anything escaping the loop),
+``failure`` records why, every in-flight request is finished with an error, pending adds
+fail with ``EngineDeadError``, and ``on_fatal(reason)`` is called so the process can exit.
 """
 
 from __future__ import annotations
@@ -34,9 +36,16 @@ class AsyncEngine:
     finished output (the client went away) posts an abort, so its KV pages are freed; an
     exception in a step fails that step's requests and the loop keeps serving."""
 
-    def __init__(self, loader: Callable[[], LLMEngine], model_name: str, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        loader: Callable[[], LLMEngine],
+        model_name: str,
+        tokenizer: Any = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
         """``loader`` builds the LLMEngine inside the engine thread (so /ready can answer
-        503 while the weights load); ``tokenizer``, if given, is usable before that."""
+        503 while the weights load); ``tokenizer``, if given, is usable before that;
+        ``on_fatal(reason)`` is called from the engine thread once it can no longer serve."""
         self._loader = loader
         self.model_name = model_name
         self._tokenizer = tokenizer
@@ -48,6 +57,8 @@ class AsyncEngine:
         self._stop = False
         self._loaded = threading.Event()
         self.load_error: BaseException | None = None
+        self.failure: str | None = None  # set once the engine thread has stopped for good
+        self._on_fatal = on_fatal
         self.draining = False
         self.started_at = time.time()
         self.ready_at: float | None = None
@@ -65,8 +76,11 @@ class AsyncEngine:
         return self.engine is not None
 
     def is_ready(self) -> bool:
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and self.engine is not None and not self.draining
+        return self.is_healthy() and self.engine is not None and not self.draining
+
+    def is_healthy(self) -> bool:
+        """False once the engine thread failed to load or died (liveness)."""
+        return self.failure is None and (self._thread is None or self._thread.is_alive() or self._stop)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop = True
@@ -110,6 +124,8 @@ class AsyncEngine:
 
     # ------------------------------------------------------------- requests
     async def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
         if not self.is_ready():
             raise EngineDeadError("the engine is not ready")
         loop = asyncio.get_running_loop()
@@ -137,19 +153,26 @@ class AsyncEngine:
     def _post(self, kind: str, payload: Any) -> None:
         self._commands.put((kind, payload))
         self._wake.set()
+        if self.failure is not None:  # the thread is gone: nobody else will drain the queue
+            self._fail_pending_commands()
 
     # ---------------------------------------------------------- the thread
     def _run(self) -> None:
         try:
             self.engine = self._loader()
-        except BaseException as exc:  # reported through wait_loaded / is_ready
-            logger.exception("model load failed")
+        except BaseException as exc:  # reported through wait_loaded, is_healthy and on_fatal
             self.load_error = exc
+            self._die(f"model failed to load: {_one_line(exc)}", exc)
             self._loaded.set()
             return
         self.ready_at = time.time()
         self._loaded.set()
-        engine = self.engine
+        try:
+            self._loop(self.engine)
+        except BaseException as exc:  # the thread is dying: say so instead of hanging requests
+            self._die(f"engine thread died: {_one_line(exc)}", exc)
+
+    def _loop(self, engine: LLMEngine) -> None:
         while not self._stop:
             self._drain_commands(engine)
             if not engine.has_work:
@@ -163,6 +186,31 @@ class AsyncEngine:
                 outputs = self._fail_all(engine)
             for out in outputs:
                 self._deliver(out)
+
+    def _die(self, reason: str, exc: BaseException) -> None:
+        """Record ``reason``, end every in-flight request with an error, notify ``on_fatal``."""
+        if isinstance(exc, ValueError):  # a configuration problem: the reason says it all
+            logger.debug("engine stopped", exc_info=exc)
+        else:
+            logger.error("engine stopped", exc_info=exc)
+        self.failure = reason
+        self._fail_pending_commands()
+        for request_id in list(self._streams):
+            self._deliver(RequestOutput(request_id, [], finished=True, finish_reason="error", error=reason))
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    payload[3].set_exception(EngineDeadError(self.failure or "the engine is not running"))
+                except concurrent.futures.InvalidStateError:  # already answered
+                    pass
 
     def _drain_commands(self, engine: LLMEngine) -> None:
         while True:
@@ -201,3 +249,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, out)
         except RuntimeError:  # the client's loop is gone
             pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

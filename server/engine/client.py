@@ -34,6 +34,9 @@ class EngineClient(Protocol):
     def is_ready(self) -> bool:
         """True once the model is loaded and the engine loop is running (and not draining)."""
 
+    def is_healthy(self) -> bool:
+        """False once the engine can never serve again (failed load, dead engine thread)."""
+
     def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs. ``params`` are resolved by the engine on
         admission; raises ParamError (a ValueError naming the field) for params the mode or

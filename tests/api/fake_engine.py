@@ -72,6 +72,7 @@ class FakeKnobs:
     script: list[int] | None = None  # emit these tokens instead of a sentence
     chunk_override: int | None = None  # tokens per output, any mode
     ready: bool = True
+    healthy: bool = True  # is_healthy(): False = the engine failed for good
 
 
 class FakeEngine:
@@ -145,6 +146,9 @@ class FakeEngine:
     # ------------------------------------------------------------------ EngineClient
     def is_ready(self) -> bool:
         return self.knobs.ready
+
+    def is_healthy(self) -> bool:
+        return self.knobs.healthy
 
     def kv_pages_free(self) -> int:
         return self._free_pages

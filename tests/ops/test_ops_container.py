@@ -133,9 +133,11 @@ def test_entrypoint_maps_every_variable(stub_python, tmp_path):
            "NLD_SERVED_MODEL_NAME": "tiny", "NLD_DEFAULT_MODE": "self_spec",
            "NLD_EXTRA_ARGS": " --max-num-seqs 64   --dtype bfloat16 "}
     argv = _argv(_entry(stub_python, tmp_path, env, "--log-level", "debug"))
+    # NLD_API_KEY stays in the environment (the server reads it): never on the command line
     assert argv == ["-m", "server", "--model", "/data/my model", "--host", "127.0.0.1", "--port", "9001",
-                    "--api-key", "s3cr3t", "--served-model-name", "tiny", "--default-mode", "self_spec",
+                    "--served-model-name", "tiny", "--default-mode", "self_spec",
                     "--max-num-seqs", "64", "--dtype", "bfloat16", "--log-level", "debug"]
+    assert not any("s3cr3t" in a for a in argv)
 
 
 def test_entrypoint_uses_mounted_model_dir(stub_python, tmp_path):
