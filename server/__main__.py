@@ -23,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--default-mode", default="ar", choices=["ar", "diffusion", "self_spec"])
     p.add_argument("--default-refine-steps", type=int, default=None)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch intra-op threads on the CPU (default: usable cores - 1, at least 1)")
 
 
 def engine_config(args: argparse.Namespace, **extra: object) -> EngineConfig:
@@ -38,6 +40,7 @@ def engine_config(args: argparse.Namespace, **extra: object) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         default_mode=args.default_mode,
         default_refine_steps=args.default_refine_steps,
+        cpu_threads=args.cpu_threads,
         **extra,  # type: ignore[arg-type]
     )
 

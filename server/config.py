@@ -24,6 +24,7 @@ class EngineConfig:
     default_mode: str = "ar"
     default_refine_steps: int | None = None
     use_cuda_graphs: bool = True
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = usable cores - 1 (min 1)
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -38,6 +39,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1")
         if self.default_mode not in ("ar", "diffusion", "self_spec"):
             raise ValueError(f"unknown default mode {self.default_mode!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1")
         if self.default_refine_steps is not None and self.default_refine_steps < 1:
             raise ValueError("default_refine_steps must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
