@@ -88,7 +88,7 @@ def server_command(spec: str, model: str, dtype: str, port: int, vllm_py: Path |
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
         env.pop("PYTHONPATH", None)
         cmd = [str(vllm_py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", dtype,
-               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048", "--disable-log-requests"]
+               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048"]
         return cmd, env
     root = spec.split("@", 1)[1] if "@" in spec else str(REPO)
     env["PYTHONPATH"] = root

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.ops import paged_attention, store_kv
+from kernels.ops import paged_attention, store_kv, use_triton
+from server.engine.cpu_attention import CpuPagedAttention
 from server.engine.request import Request, Work
 from server.model.model import DecoderModel
 
@@ -113,6 +114,8 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.scale = cfg.head_dim**-0.5
         self.max_pages_per_seq = max_pages_per_seq
+        # the CPU attention path (server.engine.cpu_attention); False: the kernels.ops reference
+        self.cpu_attention = device.type == "cpu" and not use_triton(device)
         self.graphs = None
         if graph_query_lens and graph_batch_sizes:
             from server.engine.cuda_graphs import GraphRunner
@@ -124,6 +127,11 @@ class ModelRunner:
 
     def forward_eager(self, hb: HostBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
+        lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
+        if self.cpu_attention:
+            ctx = CpuPagedAttention(self.k_cache, self.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
+                                    hb.causal, hb.tables, self.model.config.num_heads, self.scale)
+            return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows)
         max_pages = max(1, max(len(t) for t in hb.tables))
         tables = torch.zeros((len(hb.tables), max_pages), dtype=torch.int32)
         for s, t in enumerate(hb.tables):
@@ -137,7 +145,6 @@ class ModelRunner:
             causal=self._to_device(hb.causal, torch.bool),
             max_query_len=max(hb.query_lens),
         )
-        lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         ctx = PagedAttention(self.k_cache, self.v_cache, meta, self.scale)
         return self.model(self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64), ctx, lora_rows)
 
