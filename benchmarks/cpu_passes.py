@@ -6,7 +6,8 @@
 Times ``ModelRunner.run`` on the pass kinds of the three modes: a 1-token AR decode, a
 32-token bidirectional denoise block (diffusion, also the self_spec draft) and a causal
 verify pass of draft + 1 tokens (self_spec), at each batch size, with every sequence sitting
-on ``--context`` cached tokens. ``--profile`` adds a torch.profiler table (self CPU time per
+on ``--context`` cached tokens. "cpu ms" is the process's CPU time per pass (all its
+threads), steadier than wall time on a shared machine. ``--profile`` adds a torch.profiler table (self CPU time per
 op) of each pass. Default model: the embedded one.
 """
 
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# --code DIR: time another checkout of the project (e.g. main, for before/after)
+CODE = Path(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv else REPO
+sys.path.insert(0, str(CODE))
 
 import torch  # noqa: E402
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft", type=int, default=3, help="verify pass length is draft + 1")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or str(REPO / "server" / "default_model")
     model = load_model(model_dir, dtype=getattr(torch, args.dtype))
     engine = LLMEngine(model, EngineConfig(model=model_dir, max_model_len=2048, kv_cache_tokens=65536))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
     reqs = []
     for i in range(max(args.batches)):
@@ -73,20 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"model {model_dir} ({args.dtype}), {torch.get_num_threads()} torch threads, context {args.context}, "
           f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
-    print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'tok/s':>9}")
+    print(f"code {args.code}")
+    print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'cpu ms p50':>10} {'tok/s':>9}")
     for name, make in kinds.items():
         for b in args.batches:
             batch = [(r, make()) for r in reqs[:b]]
             for _ in range(3):
                 engine.runner.run(batch)
-            times = []
+            times, cpu = [], []
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 engine.runner.run(batch)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             med = statistics.median(times)
             ntok = sum(len(w) for _, w in batch)
-            print(f"{name:<26} {b:>5} {med * 1e3:>8.2f} {min(times) * 1e3:>8.2f} {ntok / med:>9.1f}")
+            print(f"{name:<26} {b:>5} {med * 1e3:>8.2f} {min(times) * 1e3:>8.2f} {statistics.median(cpu) * 1e3:>10.2f} "
+                  f"{ntok / med:>9.1f}", flush=True)
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 

