@@ -12,7 +12,8 @@ lists (``HostBatch``) and every layer reuses it:
   every key is visible.
 
 Per layer: one ``index_copy_`` per cache for the stores, then per group one ``index_select``
-of the prefix rows, one concatenation with the fresh keys and one fp32
+per cache (prefix and, for segments that store their K/V, their own rows read back; other
+segments concatenate their fresh keys) and one fp32
 ``scaled_dot_product_attention`` whose batch is (sequence, KV head), so a KV head's keys
 are never repeated for its query heads. Same visibility and fp32 math as the reference
 (see docs/design.md, "The attention contract"); padded prefix rows are masked out and
@@ -34,8 +35,9 @@ class SegmentGroup:
     num_seqs: int
     query_len: int
     rows: torch.Tensor | None  # [S * L] batch rows of the group's tokens; None = all rows, in order
-    prefix_rows: torch.Tensor | None  # [S * P] flat cache rows of the prefixes; None when P == 0
+    prefix_rows: torch.Tensor | None  # [S * K] flat cache rows to read per segment; None: nothing to read
     prefix_len: int  # P: the longest prefix in the group
+    stored: bool  # the segments' own K/V are read from the cache too (K = P + L; else K = P)
     mask: torch.Tensor | None  # [S, 1, G * L, P + L] bool (True = visible); None = all visible
 
 
@@ -53,6 +55,11 @@ def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len:
     is_causal = torch.tensor(causal)[:, None, None]
     visible = (key < ctx) | ((seg >= 0) & (~is_causal | (seg <= query)))  # [S, L, P + L]
     return visible.repeat(1, group, 1).unsqueeze(1)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatch when it is already that dtype (called per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class CpuPagedAttention:
@@ -93,16 +100,21 @@ class CpuPagedAttention:
                 [t for s in seqs for t in range(query_start_loc[s], query_start_loc[s + 1])], dtype=torch.int64)
             ctx = [context_lens[s] for s in seqs]
             prefix_len = max(ctx)
+            # segments that store their own K/V before attending read them back with their
+            # prefix in one gather (no concatenation)
+            stored = all(slots[t] >= 0 for s in seqs for t in range(query_start_loc[s], query_start_loc[s + 1]))
             prefix_rows = None
-            if prefix_len > 0:
+            if prefix_len > 0 or stored:
                 flat = []
                 for s, c in zip(seqs, ctx):
                     pages = tables[s]
                     flat.extend(pages[p // page_size] * page_size + p % page_size for p in range(c))
                     flat.extend([0] * (prefix_len - c))  # padding: any valid row, masked out
+                    if stored:
+                        flat.extend(slots[query_start_loc[s] : query_start_loc[s + 1]])
                 prefix_rows = torch.tensor(flat, dtype=torch.int64)
             mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group)
-            self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, mask))
+            self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v rows with a slot."""
@@ -110,8 +122,8 @@ class CpuPagedAttention:
         vc = self.v_cache[layer].view(-1, *v.shape[1:])
         if self.write_slots is not None:
             rows = self.write_rows
-            kc.index_copy_(0, self.write_slots, (k if rows is None else k.index_select(0, rows)).to(kc.dtype))
-            vc.index_copy_(0, self.write_slots, (v if rows is None else v.index_select(0, rows)).to(vc.dtype))
+            kc.index_copy_(0, self.write_slots, _as(k if rows is None else k.index_select(0, rows), kc.dtype))
+            vc.index_copy_(0, self.write_slots, _as(v if rows is None else v.index_select(0, rows), vc.dtype))
         if len(self.groups) == 1 and self.groups[0].rows is None:
             return self._attend_group(self.groups[0], q, k, v, kc, vc)
         out = torch.zeros_like(q)
@@ -127,17 +139,21 @@ class CpuPagedAttention:
         s, n = g.num_seqs, g.query_len
         hq, d = q.shape[1], q.shape[2]
         hkv = k.shape[1]
-        keys = k.view(s, n, hkv, d)
-        values = v.view(s, n, hkv, d)
-        if g.prefix_rows is not None:
-            pk = kc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d).to(k.dtype)
-            pv = vc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d).to(v.dtype)
-            keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
+        if g.stored:
+            assert g.prefix_rows is not None
+            keys = kc.index_select(0, g.prefix_rows).view(s, g.prefix_len + n, hkv, d)
+            values = vc.index_select(0, g.prefix_rows).view(s, g.prefix_len + n, hkv, d)
+        else:
+            keys, values = k.view(s, n, hkv, d), v.view(s, n, hkv, d)
+            if g.prefix_rows is not None:
+                pk = kc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d)
+                pv = vc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d)
+                keys, values = torch.cat([_as(pk, k.dtype), keys], dim=1), torch.cat([_as(pv, v.dtype), values], dim=1)
         # queries of one KV head side by side: [S, Hkv, G * L, D], row g * L + i
         qh = q.view(s, n, hkv, self.group, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, self.group * n, d)
         out = F.scaled_dot_product_attention(
-            qh.float(), keys.transpose(1, 2).float(), values.transpose(1, 2).float(),
+            _as(qh, torch.float32), _as(keys.transpose(1, 2), torch.float32), _as(values.transpose(1, 2), torch.float32),
             attn_mask=g.mask, scale=self.scale,
         )  # [S, Hkv, G * L, D]
         out = out.view(s, hkv, self.group, n, d).permute(0, 3, 1, 2, 4).reshape(s * n, hq, d)
-        return out.to(q.dtype)
+        return _as(out, q.dtype)
