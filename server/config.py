@@ -27,6 +27,7 @@ class EngineConfig:
     default_mode: str = "ar"
     default_refine_steps: int | None = None
     use_cuda_graphs: bool = True
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = usable cores - 1 (min 1)
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -42,6 +43,8 @@ class EngineConfig:
         get_mode(self.default_mode)
         if self.default_refine_steps is not None:
             check_knob("refine_steps", self.default_refine_steps)
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device {self.device!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -16,6 +16,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.client import QueueFullError
+from server.engine.cpu_threads import configure_cpu_threads
 from server.engine.kv_cache import KVCacheManager
 from server.engine.metrics_sink import MetricsSink, NullMetrics
 from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
@@ -69,8 +70,12 @@ class LLMEngine:
         mc = model.config
         self.model_config = mc
         self.device = next(model.parameters()).device
-        if self.device.type == "cuda":
-            model.fuse_projections()  # one GEMM for q/k/v and one for gate/up
+        if self.device.type == "cpu":
+            configure_cpu_threads(config.cpu_threads)
+        # one GEMM for q/k/v and one for gate/up; on the CPU the fused elementwise ops are the
+        # PyTorch references, op for op the math of the unfused model
+        if not model.fused_kernels:
+            model.fuse_projections()
         self.max_model_len = min(config.max_model_len or 8192, mc.max_position_embeddings)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_pages = -(-kv_tokens // config.page_size)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.ops import AttentionMetadata
+from kernels.ops import AttentionMetadata, use_triton
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
+from server.engine.cpu_attention import CpuPagedAttention
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
 from server.engine.work import Work
@@ -42,6 +43,8 @@ class ModelRunner:
         zeros = torch.zeros(shape, dtype=dtype, device=device)
         self.kv = KVTensors(zeros, torch.zeros_like(zeros), cfg.head_dim**-0.5)
         self.max_pages_per_seq = max_pages_per_seq
+        # the CPU attention path (server.engine.cpu_attention); False: the kernels.ops reference
+        self.cpu_attention = device.type == "cpu" and not use_triton(device)
         self.graphs: GraphRunner | None = None
         if graph_query_lens and graph_batch_sizes:
             self.graphs = self.graph_runner(graph_batch_sizes, graph_query_lens, capture=device.type == "cuda")
@@ -56,6 +59,11 @@ class ModelRunner:
 
     def forward_eager(self, hb: HostBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
+        lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
+        if self.cpu_attention:
+            ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
+                                    hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
+            return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows)
         tables = padded_tables(hb.tables, len(hb.tables), max(1, max(len(t) for t in hb.tables)))
         attention = AttentionMetadata(
             block_tables=tables.to(self.device, non_blocking=True),
@@ -65,7 +73,6 @@ class ModelRunner:
             max_query_len=max(hb.query_lens),
         )
         meta = BatchMetadata(attention, slot_mapping=self._to_device(hb.slots, torch.int64))
-        lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         ctx = self.kv.context(meta)
         return self.model(self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64), ctx, lora_rows)
 

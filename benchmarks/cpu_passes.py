@@ -1,0 +1,113 @@
+"""Per-pass cost of the engine's forward passes on this CPU, and where the time goes.
+
+    python benchmarks/cpu_passes.py [--model DIR|smollm2] [--dtype float32] [--batches 1 8]
+                                    [--context 128] [--repeats 20] [--profile]
+
+Times ``ModelRunner.run`` on the pass kinds of the three modes: a 1-token AR decode, a
+32-token bidirectional denoise block (diffusion, also the self_spec draft) and a causal
+verify pass of draft + 1 tokens (self_spec), at each batch size, with every sequence sitting
+on ``--context`` cached tokens. "cpu ms" is the process's CPU time per pass (all its
+threads), steadier than wall time on a shared machine. ``--profile`` adds a torch.profiler table (self CPU time per
+op) of each pass. Default model: the embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# --code DIR: time another checkout of the project (e.g. main, for before/after)
+CODE = Path(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv else REPO
+sys.path.insert(0, str(CODE))
+
+import torch  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder, 'smollm2', or the embedded model (default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--draft", type=int, default=3, help="verify pass length is draft + 1")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
+    args = p.parse_args(argv)
+
+    from server.config import EngineConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.params import DecodeParams, RequestParams, SamplingParams
+    from server.engine.modes.diffusion import DENOISE
+    from server.engine.modes.self_spec import VERIFY
+    from server.engine.work import DECODE, Work
+    from server.model.loader import load_model
+
+    if args.model == "smollm2":
+        from tests.fixtures.smollm2 import smollm2_dir
+
+        args.model = str(smollm2_dir())
+    model_dir = args.model or str(REPO / "server" / "default_model")
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype))
+    engine = LLMEngine(model, EngineConfig(model=model_dir, max_model_len=2048, kv_cache_tokens=65536))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
+    reqs = []
+    for i in range(max(args.batches)):
+        req = engine.add_request(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(args.context)], params)
+        reqs.append(req)
+    # prefill every sequence once (writes its K/V), then keep it resident at that length
+    while any(r.num_computed < args.context for r in reqs):
+        for req, work in engine.scheduler.schedule():
+            if req.num_computed < args.context:
+                engine.runner.run([(req, work)])
+                req.num_computed += len(work)
+    for r in reqs:
+        need = args.context + args.block + 1
+        engine.kv.allocate(r.table, need)
+
+    kinds = {
+        "decode (1 tok)": lambda: Work(DECODE, [11], logit_rows=[0]),
+        f"denoise ({args.block} tok, bidir)": lambda: Work(
+            DENOISE, [3] * args.block, logit_rows=list(range(args.block))),
+        f"verify ({args.draft + 1} tok)": lambda: Work(
+            VERIFY, [11] * (args.draft + 1), logit_rows=list(range(args.draft + 1))),
+    }
+    print(f"model {model_dir} ({args.dtype}), {torch.get_num_threads()} torch threads, context {args.context}, "
+          f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
+    print(f"code {args.code}")
+    print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'cpu ms p50':>10} {'tok/s':>9}")
+    for name, make in kinds.items():
+        for b in args.batches:
+            batch = [(r, make()) for r in reqs[:b]]
+            for _ in range(3):
+                engine.runner.run(batch)
+            times, cpu = [], []
+            for _ in range(args.repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                engine.runner.run(batch)
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            med = statistics.median(times)
+            ntok = sum(len(w) for _, w in batch)
+            print(f"{name:<26} {b:>5} {med * 1e3:>8.2f} {min(times) * 1e3:>8.2f} {statistics.median(cpu) * 1e3:>10.2f} "
+                  f"{ntok / med:>9.1f}", flush=True)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(5):
+                        engine.runner.run(batch)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The engine's attention over the paged cache on the CPU, planned once per forward pass.
+
+``kernels.reference.paged_attention_reference`` (the contract's reference) reads the batch
+metadata back from tensors, gathers whole pages and rebuilds its masks in every layer. Here
+everything that depends only on the batch's shape is computed once per step from the host
+lists (``HostBatch``) and every layer reuses it:
+
+* the flat cache rows to write (``slot >= 0``) and the rows of the batch they come from;
+* per group of segments of one query length ``L``: the batch rows of its queries, the flat
+  cache rows of each segment's prefix (padded to the group's longest prefix) and the boolean
+  visibility mask, laid out for queries grouped by KV head (row ``g * L + i``), or None when
+  every key is visible.
+
+Per layer: one ``index_copy_`` per cache for the stores, then per group one ``index_select``
+per cache (prefix and, for segments that store their K/V, their own rows read back; other
+segments concatenate their fresh keys) and one fp32
+``scaled_dot_product_attention`` whose batch is (sequence, KV head), so a KV head's keys
+are never repeated for its query heads. Same visibility and fp32 math as the reference
+(see docs/design.md, "The attention contract"); padded prefix rows are masked out and
+every query sees at least its own segment, so no softmax row is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class SegmentGroup:
+    """Segments of one query length, attended as one batch."""
+
+    num_seqs: int
+    query_len: int
+    rows: torch.Tensor | None  # [S * L] batch rows of the group's tokens; None = all rows, in order
+    prefix_rows: torch.Tensor | None  # [S * K] flat cache rows to read per segment; None: nothing to read
+    prefix_len: int  # P: the longest prefix in the group
+    stored: bool  # the segments' own K/V are read from the cache too (K = P + L; else K = P)
+    mask: torch.Tensor | None  # [S, 1, G * L, P + L] bool (True = visible); None = all visible
+
+
+def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len: int, group: int) -> torch.Tensor | None:
+    """Visibility of key ``j`` (prefix slots ``0..P-1``, then the segment's ``L`` keys) to
+    query ``i``: a real prefix key (``j < ctx``), or a segment key at or before ``i`` (causal)
+    or anywhere in the segment (bidirectional)."""
+    padded = any(c != prefix_len for c in ctx_lens)
+    if not padded and not (q_len > 1 and any(causal)):
+        return None
+    key = torch.arange(prefix_len + q_len)
+    query = torch.arange(q_len)[:, None]
+    ctx = torch.tensor(ctx_lens)[:, None, None]
+    seg = key - prefix_len  # index within the segment; negative in the prefix area
+    is_causal = torch.tensor(causal)[:, None, None]
+    visible = (key < ctx) | ((seg >= 0) & (~is_causal | (seg <= query)))  # [S, L, P + L]
+    return visible.repeat(1, group, 1).unsqueeze(1)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatch when it is already that dtype (called per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class CpuPagedAttention:
+    """The model's AttentionContext on the CPU (see the module docstring)."""
+
+    def __init__(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: list[int],
+        context_lens: list[int],
+        query_start_loc: list[int],
+        causal: list[bool],
+        tables: list[list[int]],
+        num_q_heads: int,
+        scale: float,
+    ) -> None:
+        self.k_cache, self.v_cache, self.scale = k_cache, v_cache, scale
+        assert k_cache.dim() == 5, "caches are [layers, pages, page_size, Hkv, D]"
+        page_size, num_kv_heads = k_cache.shape[2], k_cache.shape[3]
+        self.group = num_q_heads // num_kv_heads
+        num_tokens = query_start_loc[-1]
+        assert len(slots) == num_tokens, "one slot per token"
+
+        write = [t for t, s in enumerate(slots) if s >= 0]
+        self.write_slots = torch.tensor([slots[t] for t in write], dtype=torch.int64) if write else None
+        self.write_rows = None if len(write) == num_tokens else torch.tensor(write, dtype=torch.int64)
+
+        by_len: dict[int, list[int]] = {}
+        for s in range(len(context_lens)):
+            n = query_start_loc[s + 1] - query_start_loc[s]
+            if n > 0:
+                by_len.setdefault(n, []).append(s)
+        self.groups: list[SegmentGroup] = []
+        for q_len, seqs in by_len.items():
+            whole = len(by_len) == 1 and len(seqs) * q_len == num_tokens
+            rows = None if whole else torch.tensor(
+                [t for s in seqs for t in range(query_start_loc[s], query_start_loc[s + 1])], dtype=torch.int64)
+            ctx = [context_lens[s] for s in seqs]
+            prefix_len = max(ctx)
+            # segments that store their own K/V before attending read them back with their
+            # prefix in one gather (no concatenation)
+            stored = all(slots[t] >= 0 for s in seqs for t in range(query_start_loc[s], query_start_loc[s + 1]))
+            prefix_rows = None
+            if prefix_len > 0 or stored:
+                flat = []
+                for s, c in zip(seqs, ctx):
+                    pages = tables[s]
+                    flat.extend(pages[p // page_size] * page_size + p % page_size for p in range(c))
+                    flat.extend([0] * (prefix_len - c))  # padding: any valid row, masked out
+                    if stored:
+                        flat.extend(slots[query_start_loc[s] : query_start_loc[s + 1]])
+                prefix_rows = torch.tensor(flat, dtype=torch.int64)
+            mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group)
+            self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; stores k/v rows with a slot."""
+        kc = self.k_cache[layer].view(-1, *k.shape[1:])
+        vc = self.v_cache[layer].view(-1, *v.shape[1:])
+        if self.write_slots is not None:
+            rows = self.write_rows
+            kc.index_copy_(0, self.write_slots, _as(k if rows is None else k.index_select(0, rows), kc.dtype))
+            vc.index_copy_(0, self.write_slots, _as(v if rows is None else v.index_select(0, rows), vc.dtype))
+        if len(self.groups) == 1 and self.groups[0].rows is None:
+            return self._attend_group(self.groups[0], q, k, v, kc, vc)
+        out = torch.zeros_like(q)
+        for g in self.groups:
+            assert g.rows is not None
+            part = self._attend_group(g, q.index_select(0, g.rows), k.index_select(0, g.rows),
+                                      v.index_select(0, g.rows), kc, vc)
+            out.index_copy_(0, g.rows, part)
+        return out
+
+    def _attend_group(self, g: SegmentGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        s, n = g.num_seqs, g.query_len
+        hq, d = q.shape[1], q.shape[2]
+        hkv = k.shape[1]
+        if g.stored:
+            assert g.prefix_rows is not None
+            keys = kc.index_select(0, g.prefix_rows).view(s, g.prefix_len + n, hkv, d)
+            values = vc.index_select(0, g.prefix_rows).view(s, g.prefix_len + n, hkv, d)
+        else:
+            keys, values = k.view(s, n, hkv, d), v.view(s, n, hkv, d)
+            if g.prefix_rows is not None:
+                pk = kc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d)
+                pv = vc.index_select(0, g.prefix_rows).view(s, g.prefix_len, hkv, d)
+                keys, values = torch.cat([_as(pk, k.dtype), keys], dim=1), torch.cat([_as(pv, v.dtype), values], dim=1)
+        # queries of one KV head side by side: [S, Hkv, G * L, D], row g * L + i
+        qh = q.view(s, n, hkv, self.group, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, self.group * n, d)
+        out = F.scaled_dot_product_attention(
+            _as(qh, torch.float32), _as(keys.transpose(1, 2), torch.float32), _as(values.transpose(1, 2), torch.float32),
+            attn_mask=g.mask, scale=self.scale,
+        )  # [S, Hkv, G * L, D]
+        out = out.view(s, hkv, self.group, n, d).permute(0, 3, 1, 2, 4).reshape(s * n, hq, d)
+        return _as(out, q.dtype)

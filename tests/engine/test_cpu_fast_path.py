@@ -1,0 +1,179 @@
+"""The CPU fast path equals the plain PyTorch reference.
+
+* ``CpuPagedAttention`` against ``kernels.reference`` (attention output and the cache
+  contents it leaves) on ragged batches mixing decode rows, causal chunks and bidirectional
+  blocks, partial pages and empty prefixes;
+* the engine's logits through the fast path (fused projections, the per-step attention
+  plan) against the unfused model on the reference attention, over prefill, decode,
+  denoise, draft and verify passes, fp32 within 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from kernels.attention_metadata import AttentionMetadata
+from kernels.reference import paged_attention_reference, store_kv_reference
+from server.engine.cpu_attention import CpuPagedAttention
+from server.engine.cpu_threads import configure_cpu_threads, default_cpu_threads
+from server.engine.modes.diffusion import DENOISE
+from server.engine.modes.self_spec import DRAFT, VERIFY
+from server.engine.work import DECODE, PREFILL, Work
+from server.engine.batch import HostBatch
+from server.model.loader import load_model
+from server.config import DEFAULT_MODEL_DIR, EngineConfig
+from server.engine.engine import LLMEngine
+from tests.engine.helpers import make_engine, model_for
+from server.engine.params import DecodeParams, RequestParams, SamplingParams
+
+
+def _ragged_case(seed: int, dtype: torch.dtype, group: int):
+    """A random ragged batch over a random paged cache (2 layers): (host lists, tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    layers, num_pages, page_size, hkv, d = 2, 40, 4, 2, 8
+    kc = torch.randn(layers, num_pages, page_size, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(layers, num_pages, page_size, hkv, d, generator=g).to(dtype)
+    free = list(range(num_pages))
+    rnd.shuffle(free)
+    # (context, query length, causal): decodes, a causal chunk, bidirectional blocks, empty prefix
+    specs = [(rnd.choice([0, 3, 4, 9, 17]), rnd.choice([1, 1, 3, 5]), rnd.random() < 0.6) for _ in range(6)]
+    specs += [(0, 4, True), (6, 5, False)]
+    slots, ctx_lens, qsl, causal, tables = [], [], [0], [], []
+    for ctx, n, is_causal in specs:
+        pages = [free.pop() for _ in range(-(-(ctx + n) // page_size))]
+        tables.append(pages)
+        writes = is_causal
+        slots.extend(pages[p // page_size] * page_size + p % page_size if writes else -1 for p in range(ctx, ctx + n))
+        ctx_lens.append(ctx)
+        qsl.append(qsl[-1] + n)
+        causal.append(is_causal)
+    t = qsl[-1]
+    q = torch.randn(t, hkv * group, d, generator=g).to(dtype)
+    k = torch.randn(t, hkv, d, generator=g).to(dtype)
+    v = torch.randn(t, hkv, d, generator=g).to(dtype)
+    return (slots, ctx_lens, qsl, causal, tables), (q, k, v, kc, vc)
+
+
+def _reference(host, tensors, scale: float, layer: int):
+    slots, ctx_lens, qsl, causal, tables = host
+    q, k, v, kc, vc = tensors
+    width = max(len(p) for p in tables)
+    bt = torch.tensor([p + [0] * (width - len(p)) for p in tables], dtype=torch.int32)
+    meta = AttentionMetadata(bt, torch.tensor(ctx_lens, dtype=torch.int32), torch.tensor(qsl, dtype=torch.int32),
+                             torch.tensor(causal))
+    out = paged_attention_reference(q, k, v, kc[layer], vc[layer], meta, scale)
+    store_kv_reference(k, v, kc[layer], vc[layer], torch.tensor(slots))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("group", [1, 3])
+def test_cpu_attention_matches_reference_fp32(seed: int, group: int) -> None:
+    host, tensors = _ragged_case(seed, torch.float32, group)
+    q, k, v, kc, vc = tensors
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ctx = CpuPagedAttention(kc, vc, *host, num_q_heads=q.shape[1], scale=0.35)
+    for layer in range(2):
+        expected = _reference(host, (q, k, v, ref_kc, ref_vc), 0.35, layer)
+        got = ctx.attend(layer, q, k, v)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
+
+
+def test_cpu_attention_bf16_close_to_reference() -> None:
+    host, tensors = _ragged_case(7, torch.bfloat16, 3)
+    q, k, v, kc, vc = tensors
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ctx = CpuPagedAttention(kc, vc, *host, num_q_heads=q.shape[1], scale=0.35)
+    got = ctx.attend(1, q, k, v)
+    expected = _reference(host, (q, k, v, ref_kc, ref_vc), 0.35, 1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc, ref_kc)
+
+
+def test_uniform_decode_batch_needs_no_mask_only_when_prefixes_agree() -> None:
+    kc = torch.zeros(1, 8, 4, 1, 2)
+    same = CpuPagedAttention(kc, kc.clone(), [5, 13], [5, 5], [0, 1, 2], [True, True], [[0, 1], [2, 3]], 1, 1.0)
+    assert len(same.groups) == 1 and same.groups[0].mask is None and same.groups[0].rows is None
+    ragged = CpuPagedAttention(kc, kc.clone(), [5, 9], [5, 1], [0, 1, 2], [True, True], [[0, 1], [2, 3]], 1, 1.0)
+    assert ragged.groups[0].mask is not None
+
+
+def _drive(engine, reference: bool, seed: int) -> list[torch.Tensor]:
+    """Logits of a scripted series of passes over two requests (prefill, decode, denoise,
+    draft with the adapter where the model has one, verify)."""
+    runner = engine.runner
+    if reference:
+        runner.cpu_attention = False
+    params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
+    rnd = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    reqs = [engine.add_request(f"r{i}", [rnd.randrange(4, vocab) for _ in range(n)], params) for i, n in enumerate((11, 23))]
+    for r in reqs:
+        engine.kv.allocate(r.table, 64)
+    logits: list[torch.Tensor] = []
+
+    def run(works):
+        batch = list(zip(reqs, works))
+        out = runner.run(batch)
+        logits.extend(out)
+        for r, w in batch:
+            if w.writes_kv:
+                r.num_computed += len(w)
+
+    run([Work(PREFILL, r.prompt_ids, [len(r.prompt_ids) - 1]) for r in reqs])
+    for _ in range(3):
+        run([Work(DECODE, [rnd.randrange(4, vocab)], [0]) for _ in reqs])
+    mask = engine.model_config.mask_token_id
+    run([Work(DENOISE, [mask] * 8, list(range(8))) for _ in reqs])
+    run([Work(DRAFT, [5] + [mask] * 3, [1, 2, 3], lora=True) for _ in reqs])
+    run([Work(VERIFY, [rnd.randrange(4, vocab) for _ in range(4)], [0, 1, 2, 3]) for _ in reqs])
+    # a ragged batch: one decode row next to a denoise block
+    run([Work(DECODE, [7], [0]), Work(DENOISE, [mask] * 8, list(range(8)))])
+    return logits
+
+
+def _fresh_model(which: str):
+    """A new, unfused fp32 copy of the tiny random model or of the embedded model."""
+    if which == "tiny":
+        return copy.deepcopy(model_for(3))
+    return load_model(str(DEFAULT_MODEL_DIR), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_engine_fast_path_logits_equal_reference(which: str) -> None:
+    def engine(model):  # type: ignore[no-untyped-def]
+        if which == "tiny":
+            return make_engine(model)
+        return LLMEngine(model, EngineConfig(model=str(DEFAULT_MODEL_DIR), device="cpu", kv_cache_tokens=4096,
+                                             max_model_len=256, page_size=8))
+
+    fast = engine(_fresh_model(which))
+    assert fast.model.fused_kernels and fast.runner.cpu_attention
+    # the reference: the unfused model (q/k/v and gate/up apart) on kernels.ops' reference attention
+    ref = engine(_fresh_model(which))
+    ref.model = ref.runner.model = _fresh_model(which)
+    assert not ref.model.fused_kernels
+    got, expected = _drive(fast, False, 1), _drive(ref, True, 1)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_threads_default_leaves_a_core() -> None:
+    assert default_cpu_threads(1) == 1
+    assert default_cpu_threads(2) == 1
+    assert default_cpu_threads(16) == 15
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError):
+            configure_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)
