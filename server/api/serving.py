@@ -46,8 +46,11 @@ class _ChoiceResult:
     stats: RequestStats | None = None
 
 
-def resolve_model(settings: ServerSettings, name: str) -> str:
-    """The served name the request asked for; 404 ``model_not_found`` otherwise."""
+def resolve_model(settings: ServerSettings, name: str | None) -> str:
+    """The served name the request asked for (the first served name when it names none, as
+    this server serves one model); 404 ``model_not_found`` otherwise."""
+    if name is None:
+        return settings.served_model_names[0]
     if name in settings.served_model_names:
         return name
     raise APIError(
