@@ -84,6 +84,12 @@ _VALUE_ERROR_PARAMS: tuple[tuple[str, str], ...] = (
     ("block_length", "block_length"),
     ("draft_length", "draft_length"),
     ("threshold", "threshold"),
+    ("presence_penalty", "presence_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("repetition_penalty", "repetition_penalty"),
+    ("logit_bias", "logit_bias"),
+    ("min_tokens", "min_tokens"),
+    ("stop_token_ids", "stop_token_ids"),
 )
 
 

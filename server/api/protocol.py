@@ -124,6 +124,13 @@ class _GenerationRequest(_RequestModel):
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
+    # --- logit controls (OpenAI's, and vLLM's repetition_penalty / min_tokens / stop_token_ids)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    min_tokens: Optional[NonNegativeInt] = None
+    stop_token_ids: Optional[list[NonNegativeInt]] = None
 
 
 class ChatCompletionRequest(_GenerationRequest):

@@ -14,6 +14,7 @@ from typing import Any
 from server.api.errors import bad_request, param_of_value_error
 from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from server.engine.penalties import LogitControls
 
 # Which modes may set each mode-specific field.
 MODE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -24,13 +25,15 @@ MODE_FIELDS: dict[str, tuple[str, ...]] = {
     "draft_length": ("self_spec",),
     "logprobs": ("ar",),
     "top_logprobs": ("ar",),
+    "presence_penalty": ("ar", "self_spec"),
+    "frequency_penalty": ("ar", "self_spec"),
+    "repetition_penalty": ("ar", "self_spec"),
 }
+# The value of a field that means "off" (a mode that cannot honour the field accepts it).
+NEUTRAL_VALUES: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
@@ -38,7 +41,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
     "suffix": ("",),
     "best_of": (1,),
-    "min_tokens": (0,),
 }
 
 SEED_MODULUS = 2**63
@@ -62,7 +64,7 @@ def _is_set(request: GenerationRequest, name: str) -> bool:
     value = getattr(request, name, None)
     if name == "logprobs" and isinstance(request, ChatCompletionRequest):
         return bool(value)
-    return value is not None
+    return value is not None and value != NEUTRAL_VALUES.get(name)
 
 
 def _check_unsupported(request: GenerationRequest) -> None:
@@ -98,6 +100,27 @@ def _logprobs_count(request: GenerationRequest) -> int | None:
     return request.logprobs
 
 
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI sends token ids as the object's keys (strings)."""
+    out = []
+    for key, bias in (raw or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def logit_controls(request: GenerationRequest) -> LogitControls:
+    """The request's penalties, logit_bias and min_tokens (absent = neutral)."""
+    return LogitControls(
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        logit_bias=_logit_bias(request.logit_bias),
+        min_tokens=request.min_tokens or 0,
+    )
+
+
 def build_options(
     request: GenerationRequest,
     *,
@@ -128,6 +151,8 @@ def build_options(
             seed=request.seed,
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
+            stop_token_ids=tuple(request.stop_token_ids or ()),
+            controls=logit_controls(request),
         )
         decode_kwargs: dict[str, Any] = {
             "mode": mode,

@@ -22,9 +22,10 @@ from server.engine.modes import make_mode
 from server.engine.modes.base import DecodeMode
 from server.engine.outputs import FinishReason, RequestOutput
 from server.engine.params import RequestParams
-from server.engine.request import Request
+from server.engine.penalties import PENALTY_FIELDS, apply_logit_controls
+from server.engine.request import Request, Work
 from server.engine.runner import ModelRunner
-from server.engine.sampler import select_tokens
+from server.engine.sampler import RowSpec, select_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.model.loader import load_model, parse_dtype
 from server.model.model import DecoderModel
@@ -137,6 +138,7 @@ class LLMEngine:
         if decode.mode == "diffusion" and decode.refine_steps is None and self.config.default_refine_steps is not None:
             decode = replace(decode, refine_steps=self.config.default_refine_steps)
         decode = decode.resolved(self.model_config.block_size, self.max_model_len)
+        self._check_controls(params, decode.mode)
         work_len = {"ar": 1, "diffusion": decode.block_length, "self_spec": (decode.draft_length or 0) + 1}[decode.mode]
         if work_len > self.config.max_num_batched_tokens:
             raise ValueError(
@@ -144,6 +146,18 @@ class LLMEngine:
                 f"({self.config.max_num_batched_tokens})"
             )
         return RequestParams(sampling=params.sampling, decode=decode)
+
+    def _check_controls(self, params: RequestParams, mode: str) -> None:
+        s = params.sampling
+        vocab = self.model_config.vocab_size
+        if mode == "diffusion":
+            for name in PENALTY_FIELDS:
+                if getattr(s.controls, name) != getattr(type(s.controls)(), name):
+                    raise ValueError(f"{name} is not supported in mode 'diffusion' (no text precedes a canvas position)")
+        if any(t >= vocab for t in s.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab})")
+        if any(t >= vocab for t, _ in s.controls.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams) -> Request:
         if request_id in self.requests:
@@ -207,9 +221,10 @@ class LLMEngine:
         if batch:
             logits = self.runner.run(batch)
             specs, owners = [], []
-            for (req, work), lg in zip(batch, logits):
+            for k, ((req, work), lg) in enumerate(zip(batch, logits)):
                 row_specs = self.scheduler.mode_of(req).row_specs(req, work)
                 assert len(row_specs) == lg.shape[0]
+                logits[k] = lg = self._controlled(req, work, row_specs, lg)
                 specs.extend(row_specs)
                 owners.append(len(row_specs))
             all_logits = torch.cat(logits) if logits else None
@@ -242,6 +257,18 @@ class LLMEngine:
         self.last_step_duration = time.time() - t0
         self._report_gauges()
         return outputs
+
+    def _controlled(self, req: Request, work: Work, specs: list[RowSpec], lg: torch.Tensor) -> torch.Tensor:
+        """The logits rows of ``work`` after the request's logit controls."""
+        controls = req.params.sampling.controls
+        if not controls.active or not specs:
+            return lg
+        sequence = req.token_ids[: req.num_computed] + work.token_ids
+        positions = [s.position for s in specs]
+        out = apply_logit_controls(
+            lg, controls, sequence, req.num_prompt, positions, req.stop_ids, self.model_config.mask_token_id
+        )
+        return out.to(lg.dtype)
 
     def _take_output(self, req: Request) -> RequestOutput:
         now = time.time()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from server.engine.penalties import LogitControls
+
 Mode = Literal["ar", "diffusion", "self_spec"]
 UnmaskPolicy = Literal["threshold", "low_confidence", "leftmost"]
 
@@ -33,6 +35,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per token (0 = only the chosen one)
+    controls: LogitControls = field(default_factory=LogitControls)  # penalties, logit_bias, min_tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -47,6 +50,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}")
+        self.controls.validate(self.max_tokens)
 
     @property
     def greedy(self) -> bool:
