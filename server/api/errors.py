@@ -90,6 +90,7 @@ _VALUE_ERROR_PARAMS: tuple[tuple[str, str], ...] = (
     ("logit_bias", "logit_bias"),
     ("min_tokens", "min_tokens"),
     ("stop_token_ids", "stop_token_ids"),
+    ("response_format", "response_format"),
 )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from server.api.errors import bad_request, param_of_value_error
+from server.api.structured import grammar_of_response_format
 from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.engine.penalties import LogitControls
@@ -38,7 +39,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "suffix": ("",),
     "best_of": (1,),
 }
@@ -153,6 +153,7 @@ def build_options(
             logprobs=logprobs,
             stop_token_ids=tuple(request.stop_token_ids or ()),
             controls=logit_controls(request),
+            grammar=grammar_of_response_format((request.model_extra or {}).get("response_format")),
         )
         decode_kwargs: dict[str, Any] = {
             "mode": mode,

@@ -17,6 +17,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.client import QueueFullError
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCacheManager
 from server.engine.modes import make_mode
 from server.engine.modes.base import DecodeMode
@@ -105,6 +106,14 @@ class LLMEngine:
         self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
         self.num_steps = 0
         self.last_step_duration = 0.0
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler (built at the first constrained request)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        return self._grammars
 
     @classmethod
     def from_pretrained(cls, config: EngineConfig, metrics: Any = None) -> "LLMEngine":
@@ -184,6 +193,8 @@ class LLMEngine:
             arrival_order=next(self._arrivals),
         )
         req.stats.model = self.config.model
+        if s.grammar is not None:
+            req.grammar = self.grammars.compile(s.grammar).matcher()
         try:
             self.scheduler.add(req)
         except QueueFullError:
@@ -261,13 +272,16 @@ class LLMEngine:
     def _controlled(self, req: Request, work: Work, specs: list[RowSpec], lg: torch.Tensor) -> torch.Tensor:
         """The logits rows of ``work`` after the request's logit controls."""
         controls = req.params.sampling.controls
-        if not controls.active or not specs:
+        if not specs or (not controls.active and req.grammar is None):
             return lg
         sequence = req.token_ids[: req.num_computed] + work.token_ids
         positions = [s.position for s in specs]
-        out = apply_logit_controls(
-            lg, controls, sequence, req.num_prompt, positions, req.stop_ids, self.model_config.mask_token_id
-        )
+        mask_id = self.model_config.mask_token_id
+        out = lg
+        if controls.active:
+            out = apply_logit_controls(lg, controls, sequence, req.num_prompt, positions, req.stop_ids, mask_id)
+        if req.grammar is not None:
+            out = req.grammar.mask_rows(out, sequence, len(req.token_ids), positions, mask_id)
         return out.to(lg.dtype)
 
     def _take_output(self, req: Request) -> RequestOutput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from server.engine.grammar import GrammarSpec
 from server.engine.penalties import LogitControls
 
 Mode = Literal["ar", "diffusion", "self_spec"]
@@ -36,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per token (0 = only the chosen one)
     controls: LogitControls = field(default_factory=LogitControls)  # penalties, logit_bias, min_tokens
+    grammar: GrammarSpec | None = None  # structured output: the text must follow this grammar
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

@@ -90,7 +90,9 @@ def test_validation_errors_are_400(server: LiveServer, path: str, patch: dict[st
             ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
             ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
             ("/v1/chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, "response_format"),
+            ("/v1/chat/completions", {"response_format": {"type": "regex"}}, "response_format"),
     ],
 )
 def test_options_a_mode_cannot_honour_are_refused(server: LiveServer, path: str, patch: dict[str, Any], param: str) -> None:
