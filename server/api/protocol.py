@@ -20,7 +20,7 @@ MAX_LOGPROBS = 20
 
 ModeName = Literal["ar", "diffusion", "self_spec"]
 PolicyName = Literal["threshold", "low_confidence", "leftmost"]
-FinishReasonName = Literal["stop", "length"]
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 # --------------------------------------------------------------------------- requests
@@ -200,9 +200,24 @@ class ChatChoiceLogprobs(_ResponseModel):
     refusal: Optional[list[ChatTokenLogprob]] = None
 
 
+class ToolCallOutFunction(_ResponseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallOut(_ResponseModel):
+    """A tool call in a response; in a stream chunk only ``index`` and the new parts are set."""
+
+    index: Optional[int] = None
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: ToolCallOutFunction
+
+
 class ChatResponseMessage(_ResponseModel):
     role: Literal["assistant"]
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatChoice(_ResponseModel):
@@ -224,6 +239,7 @@ class ChatCompletionResponse(_ResponseModel):
 class ChatDelta(_ResponseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatChunkChoice(_ResponseModel):

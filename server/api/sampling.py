@@ -13,6 +13,7 @@ from typing import Any
 
 from server.api.errors import bad_request, param_of_value_error
 from server.api.structured import grammar_of_response_format
+from server.api.tools import ToolCallPlan, plan_tool_call
 from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.engine.penalties import LogitControls
@@ -35,8 +36,6 @@ NEUTRAL_VALUES: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0,
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "suffix": ("",),
@@ -58,6 +57,7 @@ class GenerationOptions:
     include_usage: bool
     logprobs: int | None  # top-logprob count when logprobs were asked for, else None
     echo: bool
+    tool_call: ToolCallPlan | None = None  # the output is a (constrained) tool call
 
 
 def _is_set(request: GenerationRequest, name: str) -> bool:
@@ -132,6 +132,12 @@ def build_options(
 ) -> GenerationOptions:
     """Check the request against its mode and build the engine parameters (400 on refusal)."""
     _check_unsupported(request)
+    extra = request.model_extra or {}
+    tool_call = None
+    if isinstance(request, ChatCompletionRequest):
+        tool_call = plan_tool_call(extra.get("tools"), extra.get("tool_choice"), extra.get("response_format"))
+    elif extra.get("tools") or extra.get("tool_choice") not in (None, "none"):
+        raise bad_request("'tools' are a chat completions field.", param="tools")
     mode = request.mode or default_mode
     _check_mode_fields(request, mode)
     stops = _stop_strings(request.stop)
@@ -153,7 +159,7 @@ def build_options(
             logprobs=logprobs,
             stop_token_ids=tuple(request.stop_token_ids or ()),
             controls=logit_controls(request),
-            grammar=grammar_of_response_format((request.model_extra or {}).get("response_format")),
+            grammar=tool_call.grammar if tool_call else grammar_of_response_format(extra.get("response_format")),
         )
         decode_kwargs: dict[str, Any] = {
             "mode": mode,
@@ -184,6 +190,7 @@ def build_options(
         include_usage=bool(stream_options and stream_options.include_usage),
         logprobs=logprobs,
         echo=echo,
+        tool_call=tool_call,
     )
 
 

@@ -32,6 +32,7 @@ from server.api.protocol import (
     CompletionChunk,
     UsageInfo,
 )
+from server.api.tools import ToolCallPlan, ToolCallStreamer, tool_call_deltas
 from server.api.usage import build_usage
 from server.engine.outputs import RequestStats
 
@@ -101,6 +102,7 @@ class StreamMeta:
     include_usage: bool
     logprobs: int | None  # top-logprob count when logprobs were asked for
     echo_texts: dict[int, str] = field(default_factory=dict)  # completions + echo: prompt text per choice
+    tool_call: ToolCallPlan | None = None  # chat: the output of every choice is a tool call
 
 
 @dataclass
@@ -148,11 +150,15 @@ def chat_stream(generation: Generation, meta: StreamMeta, tokenizer: Any, keepal
             role = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=index, delta=role, logprobs=None, finish_reason=None)])
         totals = _Totals()
+        calls = {index: ToolCallStreamer() for index in meta.indices} if meta.tool_call else {}
         async for event in generation.events(keepalive_s):
             if event is None:
                 yield KEEPALIVE_FRAME
                 continue
-            if event.text or event.logprobs:
+            if calls:
+                for delta in tool_call_deltas(calls[event.index], event, meta.tool_call):
+                    yield chunk([ChatChunkChoice(index=event.index, delta=delta, logprobs=None, finish_reason=None)])
+            elif event.text or event.logprobs:
                 logprobs = (
                     chat_logprobs(tokenizer, event.logprobs, meta.logprobs) if meta.logprobs is not None else None
                 )
@@ -160,7 +166,10 @@ def chat_stream(generation: Generation, meta: StreamMeta, tokenizer: Any, keepal
                 yield chunk([ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs, finish_reason=None)])
             if event.finish_reason is not None:
                 totals.add(event)
-                finish = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=event.finish_reason)  # type: ignore[arg-type]
+                reason = event.finish_reason
+                if calls and reason == "stop" and calls[event.index].started:
+                    reason = meta.tool_call.finish_reason  # type: ignore[union-attr]
+                finish = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=reason)  # type: ignore[arg-type]
                 yield chunk([finish])
         if meta.include_usage:
             yield chunk([], usage=totals.usage(meta))

@@ -83,7 +83,8 @@ def test_validation_errors_are_400(server: LiveServer, path: str, patch: dict[st
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         ("/v1/completions", {"mode": "diffusion", "logprobs": 0}, "logprobs"),
         ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # auto
+            ("/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {"mode": "diffusion", "presence_penalty": 0.5}, "presence_penalty"),
             ("/v1/completions", {"mode": "diffusion", "repetition_penalty": 1.2}, "repetition_penalty"),
             ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
