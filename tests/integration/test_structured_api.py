@@ -66,3 +66,51 @@ def test_invalid_schema_is_a_400(stack: Stack) -> None:
     resp = httpx.post(stack.url + "/v1/chat/completions", timeout=60,
                       json={"messages": [{"role": "user", "content": "x"}], "response_format": fmt})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format", resp.text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+                       "required": ["city", "unit"], "additionalProperties": False},
+    },
+}
+NOTE = {"type": "function", "function": {"name": "take_note", "parameters": {
+    "type": "object", "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["stars"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_tool_call_round_trip_with_the_openai_client(stack: Stack, mode: str) -> None:
+    import openai
+
+    c = openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    extra = {"mode": mode, **MODES[mode]}
+    resp = c.chat.completions.create(model=SERVED_NAME, messages=messages, tools=[WEATHER, NOTE], tool_choice="required",
+                                     max_tokens=80, temperature=0, extra_body=extra)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    schema = {"get_weather": WEATHER, "take_note": NOTE}[call.function.name]["function"]["parameters"]
+    jsonschema_rs.validator_for(schema).validate(json.loads(call.function.arguments))
+
+    stream = c.chat.completions.create(model=SERVED_NAME, messages=messages, tools=[WEATHER], max_tokens=80,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                       stream=True, temperature=0, extra_body=extra)
+    name, args, finish = None, "", None
+    for chunk in stream:
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                name = tc.function.name or name
+                args += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert name == "get_weather" and finish == "stop"
+    jsonschema_rs.validator_for(WEATHER["function"]["parameters"]).validate(json.loads(args))
+
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "21 C and sunny"}]
+    final = c.chat.completions.create(model=SERVED_NAME, messages=messages, tools=[WEATHER], tool_choice="none",
+                                      max_tokens=8, extra_body=extra)
+    assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason in ("stop", "length")
