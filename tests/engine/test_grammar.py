@@ -77,7 +77,8 @@ def params(spec: GrammarSpec, mode: dict, max_tokens: int = 90, temperature: flo
 @pytest.mark.parametrize("mode", MODES, ids=["ar", "self_spec", "diffusion-threshold", "diffusion-lowconf"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_schema_output_validates(engine: LLMEngine, mode: dict, temperature: float) -> None:
-    for schema, seed in ((PERSON, 1), (POINT, 2)):
+    schema = PERSON if temperature == 0 else POINT
+    for seed in (1, 2)[: 1 if temperature == 0 else 2]:
         out = engine.generate([prompt_ids(engine)], params(GrammarSpec.json_schema(schema), mode, 90, temperature, seed))[0]
         text = engine.tokenizer.decode(out["token_ids"])
         assert out["finish_reason"] == "stop", text
@@ -111,17 +112,21 @@ def test_constrained_self_spec_greedy_equals_constrained_ar(engine: LLMEngine, t
         prompt = prompt_ids(engine, ["Describe a person.", "A point:", "Numbers: 1 2 3"][k])
         spec = GrammarSpec.json_schema(schema)
         ar = engine.generate([prompt], params(spec, dict(mode="ar"), 70))[0]
-        for draft in (3, 7):
-            ss = engine.generate([prompt], params(spec, dict(mode="self_spec", draft_length=draft), 70))[0]
-            assert ss["token_ids"] == ar["token_ids"]
-            assert ss["finish_reason"] == ar["finish_reason"]
+        ss = engine.generate([prompt], params(spec, dict(mode="self_spec", draft_length=(3, 7, 5)[k]), 70))[0]
+        assert ss["token_ids"] == ar["token_ids"]
+        assert ss["finish_reason"] == ar["finish_reason"]
+
+
+_LL_TOKENIZERS: dict[int, Any] = {}
 
 
 def independent_matcher(engine: LLMEngine, schema: dict) -> Any:
     """A matcher built here, not by the engine's compiler (own tokenizer wrapper, own grammar)."""
     import llguidance.hf
 
-    tok = llguidance.hf.from_tokenizer(engine.tokenizer, n_vocab=engine.model_config.vocab_size)
+    if id(engine) not in _LL_TOKENIZERS:
+        _LL_TOKENIZERS[id(engine)] = llguidance.hf.from_tokenizer(engine.tokenizer, n_vocab=engine.model_config.vocab_size)
+    tok = _LL_TOKENIZERS[id(engine)]
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
     return llguidance.LLMatcher(tok, grammar, log_level=0)
 
