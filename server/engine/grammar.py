@@ -186,7 +186,7 @@ class GrammarCompiler:
         t0 = time.perf_counter()
         try:
             text = spec.grammar_text()
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"response_format: invalid {spec.kind}: {exc}") from None
         try:
             template = LLMatcher(self._tokenizer(), text, log_level=0)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.api.test_api_fuzz import FIELDS, check_answer, json_values, messages
+from tests.api.test_api_fuzz import FIELDS, check_answer, json_values, messages, texts
 from tests.integration.conftest import Stack, model_dir_for, wait_until, SERVED_NAME
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -32,7 +32,14 @@ VALID = {
     "min_tokens": st.integers(0, 6),
     "stop_token_ids": st.lists(st.integers(0, 5000), max_size=3),
     "logit_bias": st.dictionaries(st.integers(0, 5000).map(str), st.floats(-100, 100), max_size=3),
-    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "g", "bad name"]), "parameters": json_values})}), max_size=2),
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]),
+    "response_format": st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+        {"name": st.just("x"), "schema": st.dictionaries(st.sampled_from(["type", "properties", "enum", "maxLength", "items"]),
+                                                         json_values, max_size=3)})})
+    | st.fixed_dictionaries({"type": st.sampled_from(["regex", "grammar"]), "regex": texts, "grammar": texts})
+    | st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]),
 }
 
 
@@ -55,7 +62,7 @@ def capped(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     path=st.sampled_from(PATHS),
     valid=st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=4).flatmap(
