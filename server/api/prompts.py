@@ -11,6 +11,7 @@ from typing import Any
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.tool_messages import render_message, template_tool_kwargs
 
 MAX_PROMPTS = 16
 
@@ -32,11 +33,24 @@ def _message_text(message: ChatMessage) -> str:
     return "\n".join(part.text for part in content)
 
 
-def _messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    out = []
-    for message in messages:
+def _check_message(index: int, message: ChatMessage) -> None:
+    """OpenAI's rules: content is required except on an assistant turn with tool calls;
+    ``tool_calls`` only on assistant turns, ``tool_call_id`` required on tool turns."""
+    param = f"messages[{index}]"
+    if message.tool_calls is not None and message.role != "assistant":
+        raise bad_request("Only assistant messages may carry 'tool_calls'.", param=f"{param}.tool_calls")
+    if message.role == "tool" and not message.tool_call_id:
+        raise bad_request("A message with role 'tool' needs a 'tool_call_id'.", param=f"{param}.tool_call_id")
+    if message.content is None and not (message.role == "assistant" and message.tool_calls):
+        raise bad_request(f"Message {index} has no 'content'.", param=f"{param}.content")
+
+
+def _messages_for_template(messages: list[ChatMessage], template: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        _check_message(index, message)
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": _message_text(message)})
+        out.append(render_message(role, _message_text(message), message, template))
     return out
 
 
@@ -44,9 +58,13 @@ def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> Prompt:
     """Apply the chat template (``add_generation_prompt=True``) and tokenize the result."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+    messages = _messages_for_template(request.messages, tokenizer.chat_template)
     try:
         text = tokenizer.apply_chat_template(
-            _messages_for_template(request.messages), add_generation_prompt=True, tokenize=False
+            messages,
+            add_generation_prompt=True,
+            tokenize=False,
+            **template_tool_kwargs(request, tokenizer.chat_template),
         )
     except Exception as exc:  # jinja2 TemplateError (e.g. the template refuses a role order)
         raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from exc

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 4
 MAX_N = 16
 MAX_LOGPROBS = 20
 
 PolicyName = Literal["threshold", "low_confidence", "leftmost"]
-FinishReasonName = Literal["stop", "length"]
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 # --------------------------------------------------------------------------- requests
@@ -58,19 +58,54 @@ class TextContentPart(_RequestModel):
     text: str
 
 
+class ToolCallFunction(_RequestModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_RequestModel):
+    """A tool call of an earlier assistant turn, sent back by the client."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None  # assistant only
+    tool_call_id: Optional[str] = None  # tool only
 
 
 StopField = Union[str, list[str], None]
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string that is not valid Unicode text."""
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 class _GenerationRequest(_RequestModel):
     """Fields shared by chat and legacy completions, plus our decoding extensions."""
 
-    model: str
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # json.loads lets lone surrogates through (escaped, or as bytes ED A0 80); no tokenizer
+        # or UTF-8 encoder can take them, so the body is refused here
+        if _has_lone_surrogate(data):
+            raise ValueError("the body holds a string with a lone UTF-16 surrogate (not valid Unicode)")
+        return data
+
+    model: Optional[str] = Field(None, description="a served model name; the served model when omitted")
     max_tokens: Optional[PositiveInt] = None
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
@@ -89,6 +124,13 @@ class _GenerationRequest(_RequestModel):
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
+    # --- logit controls (OpenAI's, and vLLM's repetition_penalty / min_tokens / stop_token_ids)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    min_tokens: Optional[NonNegativeInt] = None
+    stop_token_ids: Optional[list[NonNegativeInt]] = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -158,9 +200,24 @@ class ChatChoiceLogprobs(_ResponseModel):
     refusal: Optional[list[ChatTokenLogprob]] = None
 
 
+class ToolCallOutFunction(_ResponseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallOut(_ResponseModel):
+    """A tool call in a response; in a stream chunk only ``index`` and the new parts are set."""
+
+    index: Optional[int] = None
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: ToolCallOutFunction
+
+
 class ChatResponseMessage(_ResponseModel):
     role: Literal["assistant"]
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatChoice(_ResponseModel):
@@ -182,6 +239,7 @@ class ChatCompletionResponse(_ResponseModel):
 class ChatDelta(_ResponseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatChunkChoice(_ResponseModel):

@@ -14,22 +14,17 @@ from typing import Any
 
 from server.api.errors import bad_request
 from server.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest, GenerationRequest
+from server.api.structured import grammar_of_response_format
+from server.api.tools import ToolCallPlan, plan_tool_call
 from server.engine.modes import get_mode
-from server.engine.params import DecodeParams, ParamError, RequestParams, SamplingParams
+from server.engine.params import DecodeParams, LogitControls, ParamError, RequestParams, SamplingParams
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "suffix": ("",),
     "best_of": (1,),
-    "min_tokens": (0,),
 }
 
 SEED_MODULUS = 2**63
@@ -47,6 +42,7 @@ class GenerationOptions:
     include_usage: bool
     logprobs: int | None  # top-logprob count when logprobs were asked for, else None
     echo: bool
+    tool_call: ToolCallPlan | None = None  # the output is a (constrained) tool call
 
 
 def _check_unsupported(request: GenerationRequest) -> None:
@@ -74,6 +70,27 @@ def _logprobs_count(request: GenerationRequest) -> int | None:
     return request.logprobs
 
 
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI sends token ids as the object's keys (strings)."""
+    out = []
+    for key, bias in (raw or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def logit_controls(request: GenerationRequest) -> LogitControls:
+    """The request's penalties, logit_bias and min_tokens (absent = neutral)."""
+    return LogitControls(
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        logit_bias=_logit_bias(request.logit_bias),
+        min_tokens=request.min_tokens or 0,
+    )
+
+
 def build_options(
     request: GenerationRequest,
     *,
@@ -82,6 +99,12 @@ def build_options(
 ) -> GenerationOptions:
     """Check the request and build the engine parameters (400 on refusal)."""
     _check_unsupported(request)
+    extra = request.model_extra or {}
+    tool_call = None
+    if isinstance(request, ChatCompletionRequest):
+        tool_call = plan_tool_call(extra.get("tools"), extra.get("tool_choice"), extra.get("response_format"))
+    elif extra.get("tools") or extra.get("tool_choice") not in (None, "none"):
+        raise bad_request("'tools' are a chat completions field.", param="tools")
     mode = request.mode or default_mode
     stops = _stop_strings(request.stop)
     logprobs = _logprobs_count(request)
@@ -98,6 +121,9 @@ def build_options(
             seed=request.seed,
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
+            stop_token_ids=tuple(request.stop_token_ids or ()),
+            controls=logit_controls(request),
+            grammar=tool_call.grammar if tool_call else grammar_of_response_format(extra.get("response_format")),
         )
         decode = DecodeParams(
             mode=mode,
@@ -124,6 +150,7 @@ def build_options(
         include_usage=bool(stream_options and stream_options.include_usage),
         logprobs=logprobs,
         echo=echo,
+        tool_call=tool_call,
     )
 
 

@@ -22,13 +22,13 @@ from server.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatResponseMessage,
     CompletionChoice,
     CompletionResponse,
     GenerationRequest,
 )
 from server.api.sampling import GenerationOptions, build_options, params_for_choice, requested_max_tokens
 from server.api.settings import ServerSettings
+from server.api.tools import chat_message
 from server.api.streaming import EventStreamResponse, StreamMeta, chat_stream, completion_stream
 from server.api.usage import build_usage
 from server.engine.client import EngineClient
@@ -46,8 +46,11 @@ class _ChoiceResult:
     stats: RequestStats | None = None
 
 
-def resolve_model(settings: ServerSettings, name: str) -> str:
-    """The served name the request asked for; 404 ``model_not_found`` otherwise."""
+def resolve_model(settings: ServerSettings, name: str | None) -> str:
+    """The served name the request asked for (the first served name when it names none, as
+    this server serves one model); 404 ``model_not_found`` otherwise."""
+    if name is None:
+        return settings.served_model_names[0]
     if name in settings.served_model_names:
         return name
     raise APIError(
@@ -134,6 +137,7 @@ def _stream_meta(plan: _Plan) -> StreamMeta:
         include_usage=plan.options.include_usage,
         logprobs=plan.options.logprobs,
         echo_texts=echo,
+        tool_call=plan.options.tool_call,
     )
 
 
@@ -146,15 +150,15 @@ def _response(plan: _Plan, results: dict[int, _ChoiceResult], tokenizer: Any) ->
     )
     top_n = plan.options.logprobs
     if plan.is_chat:
-        chat_choices = [
-            ChatChoice(
+        chat_choices = []
+        for index, r in sorted(results.items()):
+            message, finish = chat_message("".join(r.text), r.finish_reason, plan.options.tool_call)
+            chat_choices.append(ChatChoice(
                 index=index,
-                message=ChatResponseMessage(role="assistant", content="".join(r.text)),
+                message=message,
                 logprobs=chat_logprobs(tokenizer, r.logprobs, top_n) if top_n is not None else None,
-                finish_reason=r.finish_reason,  # type: ignore[arg-type]
-            )
-            for index, r in sorted(results.items())
-        ]
+                finish_reason=finish,  # type: ignore[arg-type]
+            ))
         body: Any = ChatCompletionResponse(
             id=plan.response_id, object="chat.completion", created=plan.created, model=plan.model,
             choices=chat_choices, usage=usage,

@@ -32,6 +32,7 @@ from server.api.protocol import (
     CompletionChunk,
     UsageInfo,
 )
+from server.api.tools import ToolCallPlan, ToolCallStreamer, tool_call_deltas
 from server.api.usage import build_usage
 from server.engine.outputs import RequestStats
 
@@ -101,6 +102,7 @@ class StreamMeta:
     include_usage: bool
     logprobs: int | None  # top-logprob count when logprobs were asked for
     echo_texts: dict[int, str] = field(default_factory=dict)  # completions + echo: prompt text per choice
+    tool_call: ToolCallPlan | None = None  # chat: the output of every choice is a tool call
 
 
 @dataclass
@@ -136,19 +138,20 @@ async def _event_frames(
     generation: Generation,
     meta: StreamMeta,
     keepalive_s: float | None,
-    delta_frame: Callable[[ChoiceEvent], str],
+    delta_frames: Callable[[ChoiceEvent], list[str]],
     finish_frame: Callable[[ChoiceEvent], str],
     usage_frame: Callable[[UsageInfo], str],
 ) -> AsyncIterator[str]:
-    """The frames of a stream's events, whatever the endpoint: keep-alives while waiting, a
-    frame per text/logprobs delta, a frame per finished choice, then usage when asked for."""
+    """The frames of a stream's events, whatever the endpoint: keep-alives while waiting, the
+    delta frames of each event (``delta_frames`` sees every event, finishing ones included),
+    a frame per finished choice, then usage when asked for."""
     totals = _Totals()
     async for event in generation.events(keepalive_s):
         if event is None:
             yield KEEPALIVE_FRAME
             continue
-        if event.text or event.logprobs:
-            yield delta_frame(event)
+        for frame in delta_frames(event):
+            yield frame
         if event.finish_reason is not None:
             totals.add(event)
             yield finish_frame(event)
@@ -167,20 +170,30 @@ def chat_stream(generation: Generation, meta: StreamMeta, tokenizer: Any, keepal
             c.usage = usage
         return sse_data(c)
 
-    def delta(event: ChoiceEvent) -> str:
+    calls = {index: ToolCallStreamer() for index in meta.indices} if meta.tool_call else {}
+
+    def deltas(event: ChoiceEvent) -> list[str]:
+        if calls:  # a tool-call choice streams its call's pieces, never its raw text
+            parts = tool_call_deltas(calls[event.index], event, meta.tool_call)
+            return [chunk([ChatChunkChoice(index=event.index, delta=d, logprobs=None, finish_reason=None)]) for d in parts]
+        if not (event.text or event.logprobs):
+            return []
         logprobs = chat_logprobs(tokenizer, event.logprobs, meta.logprobs) if meta.logprobs is not None else None
         content = ChatDelta(content=event.text)
-        return chunk([ChatChunkChoice(index=event.index, delta=content, logprobs=logprobs, finish_reason=None)])
+        return [chunk([ChatChunkChoice(index=event.index, delta=content, logprobs=logprobs, finish_reason=None)])]
 
     def finish(event: ChoiceEvent) -> str:
-        done = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=event.finish_reason)  # type: ignore[arg-type]
+        reason = event.finish_reason
+        if calls and reason == "stop" and calls[event.index].started:
+            reason = meta.tool_call.finish_reason  # type: ignore[union-attr]
+        done = ChatChunkChoice(index=event.index, delta=ChatDelta(), logprobs=None, finish_reason=reason)  # type: ignore[arg-type]
         return chunk([done])
 
     async def frames() -> AsyncIterator[str]:
         for index in meta.indices:
             role = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=index, delta=role, logprobs=None, finish_reason=None)])
-        async for frame in _event_frames(generation, meta, keepalive_s, delta, finish, lambda u: chunk([], usage=u)):
+        async for frame in _event_frames(generation, meta, keepalive_s, deltas, finish, lambda u: chunk([], usage=u)):
             yield frame
 
     return _with_errors(frames())
@@ -202,17 +215,19 @@ def completion_stream(
         for index, text in meta.echo_texts.items():
             offsets[index] = len(text)
             yield chunk([CompletionChoice(index=index, text=text, logprobs=None, finish_reason=None)])
-        def delta(event: ChoiceEvent) -> str:
+        def deltas(event: ChoiceEvent) -> list[str]:
+            if not (event.text or event.logprobs):
+                return []
             logprobs = None
             if meta.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, event.logprobs, meta.logprobs, offsets[event.index])
             offsets[event.index] += len(event.text)
-            return chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs, finish_reason=None)])
+            return [chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs, finish_reason=None)])]
 
         def finish(event: ChoiceEvent) -> str:
             return chunk([CompletionChoice(index=event.index, text="", logprobs=None, finish_reason=event.finish_reason)])  # type: ignore[arg-type]
 
-        async for frame in _event_frames(generation, meta, keepalive_s, delta, finish, lambda u: chunk([], usage=u)):
+        async for frame in _event_frames(generation, meta, keepalive_s, deltas, finish, lambda u: chunk([], usage=u)):
             yield frame
 
     return _with_errors(frames())

@@ -17,15 +17,18 @@ import torch
 from server.config import EngineConfig
 from server.engine.client import QueueFullError
 from server.engine.cpu_threads import configure_cpu_threads
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCacheManager
 from server.engine.metrics_sink import MetricsSink, NullMetrics
 from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
 from server.engine.outputs import FinishReason, RequestOutput
-from server.engine.params import RequestParams, ResolveContext, ResolvedParams
+from server.engine.params import ParamError, RequestParams, ResolveContext, ResolvedParams
+from server.engine.penalties import apply_logit_controls
 from server.engine.request import Request
 from server.engine.runner import ModelRunner
-from server.engine.sampler import select_tokens
+from server.engine.sampler import RowSpec, select_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.work import Work
 from server.model.loader import load_model, parse_dtype
 from server.model.model import DecoderModel
 
@@ -115,6 +118,14 @@ class LLMEngine:
         self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
         self.num_steps = 0
         self.last_step_duration = 0.0
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler (built at the first constrained request)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        return self._grammars
 
     @classmethod
     def from_pretrained(cls, config: EngineConfig, metrics: MetricsSink | None = None) -> "LLMEngine":
@@ -142,7 +153,17 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
     def resolve_params(self, params: RequestParams) -> ResolvedParams:
         """Fill every decoding default and check the request against this model (ParamError)."""
+        self._check_token_ids(params)
         return ResolvedParams(params.sampling, resolve_decode(params.decode, params.sampling, self.param_context))
+
+    def _check_token_ids(self, params: RequestParams) -> None:
+        """Token ids a request names must be in this model's vocabulary."""
+        s = params.sampling
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in s.stop_token_ids):
+            raise ParamError("stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab})")
+        if any(t >= vocab for t, _ in s.controls.logit_bias):
+            raise ParamError("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams) -> Request:
         """Admit a request (ValueError / ParamError for bad input, QueueFullError when full)."""
@@ -171,6 +192,8 @@ class LLMEngine:
         )
         req.stats.model = self.config.model
         req.stats.forward_passes = dict.fromkeys(work_kind_names(), 0)
+        if s.grammar is not None:
+            req.grammar = self.grammars.compile(s.grammar).matcher()
         try:
             self.scheduler.add(req)
         except QueueFullError:
@@ -208,9 +231,10 @@ class LLMEngine:
         if batch:
             logits = self.runner.run(batch)
             specs, owners = [], []
-            for (req, work), lg in zip(batch, logits):
+            for k, ((req, work), lg) in enumerate(zip(batch, logits)):
                 row_specs = get_mode(req.params.decode.mode).row_specs(req, work)
                 assert len(row_specs) == lg.shape[0]
+                logits[k] = lg = self._controlled(req, work, row_specs, lg)
                 specs.extend(row_specs)
                 owners.append(len(row_specs))
             all_logits = torch.cat(logits) if logits else None
@@ -243,6 +267,21 @@ class LLMEngine:
         self.last_step_duration = time.time() - t0
         self._report_gauges()
         return outputs
+
+    def _controlled(self, req: Request, work: Work, specs: list[RowSpec], lg: torch.Tensor) -> torch.Tensor:
+        """The logits rows of ``work`` after the request's logit controls."""
+        controls = req.params.sampling.controls
+        if not specs or (not controls.active and req.grammar is None):
+            return lg
+        sequence = req.token_ids[: req.num_computed] + work.token_ids
+        positions = [s.position for s in specs]
+        mask_id = self.model_config.mask_token_id
+        out = lg
+        if controls.active:
+            out = apply_logit_controls(lg, controls, sequence, req.num_prompt, positions, req.stop_ids, mask_id)
+        if req.grammar is not None:
+            out = req.grammar.mask_rows(out, sequence, len(req.token_ids), positions, mask_id)
+        return out.to(lg.dtype)
 
     def _take_output(self, req: Request) -> RequestOutput:
         now = time.time()

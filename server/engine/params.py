@@ -11,7 +11,10 @@ OpenAI ``param`` field; each rule is written once, here or in the mode that owns
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from server.engine.grammar import GrammarSpec
 
 UnmaskPolicy = Literal["threshold", "low_confidence", "leftmost"]
 POLICIES: tuple[str, ...] = ("threshold", "low_confidence", "leftmost")
@@ -28,6 +31,51 @@ class ParamError(ValueError):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass(frozen=True)
+class LogitControls:
+    """The per-request logit controls (applied by ``server.engine.penalties``); the neutral
+    value of each field means "off". Which modes honour the penalties is theirs to declare
+    (``DecodeMode.honours_penalties``)."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+
+    def validate(self, max_tokens: int) -> None:
+        """Range checks (ParamError names the field)."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ParamError(name, f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ParamError("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ParamError(
+                    "logit_bias", f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {token}: {bias}"
+                )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= max_tokens:
+            raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens!r}")
+
+    def penalties_set(self) -> tuple[str, ...]:
+        """The penalty fields set to something other than their neutral value."""
+        neutral = LogitControls()
+        return tuple(name for name in PENALTY_FIELDS if getattr(self, name) != getattr(neutral, name))
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.penalties_set())
+
+    @property
+    def active(self) -> bool:
+        return self.penalizes or bool(self.logit_bias) or self.min_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +95,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per token (0 = only the chosen one)
+    controls: LogitControls = field(default_factory=LogitControls)  # penalties, logit_bias, min_tokens
+    grammar: GrammarSpec | None = None  # structured output: the text must follow this grammar
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -61,6 +111,9 @@ class SamplingParams:
             raise ParamError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ParamError("seed", f"seed must be in [0, 2**63), got {self.seed!r}")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise ParamError("stop_token_ids", f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}")
+        self.controls.validate(self.max_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -42,6 +42,7 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last output
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     arrival_order: int = 0
+    grammar: Any = None  # GrammarMatcher of a constrained request; follows the emitted tokens
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -77,14 +78,20 @@ class Request:
             if self.remaining_tokens <= 0:
                 self.finish("length")
                 return
-            if tok in self.stop_ids:
+            if tok in self.stop_ids or (self.grammar is not None and tok in self.grammar.eos_ids):
                 self.finish("stop")
+                return
+            if self.grammar is not None and not self.grammar.accept(tok):
+                self.finish("stop")  # unreachable: every mode chooses tokens the grammar allows
                 return
             self.token_ids.append(tok)
             self.new_tokens.append(tok)
             self.stats.completion_tokens += 1
             if logprobs is not None:
                 self.new_logprobs.append(logprobs[i])
+            if self.grammar is not None and self.grammar.is_stopped:
+                self.finish("stop")  # the grammar is complete and admits nothing more
+                return
         if self.remaining_tokens <= 0:
             self.finish("length")
 

@@ -84,9 +84,17 @@ def test_validation_errors_are_400(server: LiveServer, path: str, patch: dict[st
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         ("/v1/completions", {"mode": "diffusion", "logprobs": 0}, "logprobs"),
         ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # auto
+            ("/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"mode": "diffusion", "presence_penalty": 0.5}, "presence_penalty"),
+            ("/v1/completions", {"mode": "diffusion", "repetition_penalty": 1.2}, "repetition_penalty"),
+            ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
+            ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+            ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+            ("/v1/chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, "response_format"),
+            ("/v1/chat/completions", {"response_format": {"type": "regex"}}, "response_format"),
     ],
 )
 def test_options_a_mode_cannot_honour_are_refused(server: LiveServer, path: str, patch: dict[str, Any], param: str) -> None:

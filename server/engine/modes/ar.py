@@ -18,6 +18,7 @@ class AutoregressiveMode(DecodeMode):
 
     name = "ar"
     supports_logprobs = True
+    honours_penalties = True
     work_kinds = (PREFILL, DECODE)
 
     def next_work(self, req: Request, budget: int) -> Work | None:

@@ -20,7 +20,8 @@ class DecodeMode:
     Declarative part (class attributes), read by the registry and every layer that asks it:
     ``name`` (the request's ``mode``); ``knobs``, the decode fields it honours, in the order
     their defaults are resolved (a field set for a mode that does not honour it is a 400);
-    ``supports_logprobs``; ``needs_mask_token`` (runs only on a diffusion checkpoint);
+    ``supports_logprobs``; ``honours_penalties`` (presence / frequency / repetition penalties:
+    they need the text before each chosen position, which a mode may not have); ``needs_mask_token`` (runs only on a diffusion checkpoint);
     ``work_kinds``, the kinds of pass it runs (each declares its K/V writes and attention);
     ``metric_histograms``, the Prometheus histograms fed from its statistics.
 
@@ -34,6 +35,7 @@ class DecodeMode:
     name: ClassVar[str]
     knobs: ClassVar[tuple[str, ...]] = ()
     supports_logprobs: ClassVar[bool] = False
+    honours_penalties: ClassVar[bool] = False
     needs_mask_token: ClassVar[bool] = False
     work_kinds: ClassVar[tuple[WorkKind, ...]] = (PREFILL,)
     metric_histograms: ClassVar[tuple[str, ...]] = ()

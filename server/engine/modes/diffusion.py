@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from server.engine.grammar import GrammarMatcher
 from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, sample_spec
 from server.engine.params import ModeParams, ResolveContext, UnmaskPolicy
 from server.engine.request import ModeState, Request
@@ -44,6 +45,9 @@ class DiffusionParams(ModeParams):
     seed_first_position: bool
 
 
+GRAMMAR_OPEN = 2**31
+
+
 @dataclass
 class DiffusionState(ModeState):
     seed: int | None = None  # causal prediction for the next block's first position
@@ -51,6 +55,7 @@ class DiffusionState(ModeState):
     revealed: list[bool] = field(default_factory=list)
     steps: int = 0  # denoise passes spent on the current block
     has_blocks: bool = False  # a block was emitted since the last (re)prefill
+    grammar_end: int = GRAMMAR_OPEN  # constrained: the canvas length after which the grammar is complete
 
 
 def select_reveals(
@@ -74,6 +79,44 @@ def select_reveals(
         return sorted(ranked[:k])
     assert policy == "leftmost", policy  # validated by KNOB_RULES
     return sorted(candidates)[:k]
+
+
+def grammar_reveals(
+    grammar: GrammarMatcher,
+    st: DiffusionState,
+    candidates: list[int],
+    proposals: dict[int, RowResult],
+    confidences: dict[int, float],
+    dp: "DiffusionParams",
+    steps_left: int,
+) -> list[int]:
+    """The reveal rule of a constrained request: a run of positions, left to right from the
+    first masked one, that the grammar accepts after the revealed prefix.
+
+    The revealed positions of a constrained canvas are always a prefix of it, so the
+    candidates are contiguous. The first one was sampled from the grammar-masked row and is
+    always revealed; the run goes on while the grammar accepts the next proposal and the
+    policy wants it (threshold: confidence >= threshold; low_confidence / leftmost: up to
+    k = ceil(candidates / passes left), all on the last pass). ``refine_steps`` is thus a
+    target: a pass reveals at least one token, so a block takes at most its length in passes.
+    If the run completes the grammar, the canvas ends there (``st.grammar_end``)."""
+    assert st.canvas is not None and candidates
+    first = candidates[0]
+    assert candidates == list(range(first, first + len(candidates))), "constrained reveals stay a prefix"
+    run = [proposals[i].token for i in candidates]
+    valid = grammar.count_valid(st.canvas[:first] + run) - first
+    if dp.policy == "threshold" and steps_left > 1:
+        wanted = 1
+        while wanted < len(candidates) and confidences[candidates[wanted]] >= dp.threshold:
+            wanted += 1
+    else:
+        wanted = len(candidates) if steps_left <= 1 else math.ceil(len(candidates) / steps_left)
+    count = max(1, min(valid, wanted))
+    ends = grammar.stop_index(st.canvas[:first] + run[:count])
+    if ends is not None:
+        count = min(count, ends - first)
+        st.grammar_end = ends
+    return candidates[:count]
 
 
 class BlockDiffusionMode(DecodeMode):
@@ -120,7 +163,7 @@ class BlockDiffusionMode(DecodeMode):
         """Masked positions that still need revealing: none past a revealed stop token, none
         past the tokens the request may still emit."""
         stop = self._stop_index(req, st)
-        end = min(len(st.canvas), req.remaining_tokens)  # type: ignore[arg-type]
+        end = min(len(st.canvas), req.remaining_tokens, st.grammar_end)  # type: ignore[arg-type]
         if stop is not None:
             end = min(end, stop)
         return [i for i in range(end) if not st.revealed[i]]
@@ -136,16 +179,19 @@ class BlockDiffusionMode(DecodeMode):
             assert st.seed is not None
             st.canvas[0], st.revealed[0] = st.seed, True
             st.seed = None
+            if req.grammar is not None and req.grammar.stop_index(st.canvas[:1]) == 1:
+                st.grammar_end = 1  # the seed completes the grammar
         self._finish_block_if_done(req, st)
 
     def _finish_block_if_done(self, req: Request, st: DiffusionState) -> None:
         if self._candidates(req, st):
             return
         stop = self._stop_index(req, st)
-        end = min(len(st.canvas), req.remaining_tokens)  # type: ignore[arg-type]
+        end = min(len(st.canvas), req.remaining_tokens, st.grammar_end)  # type: ignore[arg-type]
         block = st.canvas[: (stop + 1 if stop is not None and stop < end else end)]  # type: ignore[index]
         req.stats.denoise_steps_per_block.append(st.steps)
         st.canvas, st.revealed, st.steps, st.has_blocks = None, [], 0, True
+        st.grammar_end = GRAMMAR_OPEN
         req.emit(block)
 
     # ------------------------------------------------------------ protocol
@@ -184,9 +230,11 @@ class BlockDiffusionMode(DecodeMode):
         candidates = self._candidates(req, st)
         dp = _params(req.params.decode)
         steps_left = dp.refine_steps - st.steps + 1
-        chosen = select_reveals(
-            candidates, {i: proposals[i].confidence for i in candidates}, dp.policy, dp.threshold, steps_left
-        )
+        confidences = {i: proposals[i].confidence for i in candidates}
+        if req.grammar is not None:
+            chosen = grammar_reveals(req.grammar, st, candidates, proposals, confidences, dp, steps_left)
+        else:
+            chosen = select_reveals(candidates, confidences, dp.policy, dp.threshold, steps_left)
         for i in chosen:
             st.canvas[i], st.revealed[i] = proposals[i].token, True
         self._finish_block_if_done(req, st)

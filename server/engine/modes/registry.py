@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.modes.base import DecodeMode
-from server.engine.params import DecodeParams, ModeParams, ParamError, ResolveContext, SamplingParams, check_knob
+from server.engine.params import (
+    PENALTY_FIELDS,
+    DecodeParams,
+    ModeParams,
+    ParamError,
+    ResolveContext,
+    SamplingParams,
+    check_knob,
+)
 from server.engine.work import WorkKind
 
 _MODES: dict[str, DecodeMode] = {}
@@ -65,9 +73,11 @@ def work_kind_names() -> tuple[str, ...]:
 
 
 def modes_honouring(field: str) -> tuple[str, ...]:
-    """Names of the modes that honour a request field (a decode knob or ``logprobs``)."""
+    """Names of the modes that honour a request field (a decode knob, ``logprobs`` or a penalty)."""
     if field == "logprobs":
         return tuple(m.name for m in _MODES.values() if m.supports_logprobs)
+    if field in PENALTY_FIELDS:
+        return tuple(m.name for m in _MODES.values() if m.honours_penalties)
     return tuple(m.name for m in _MODES.values() if field in m.knobs)
 
 
@@ -93,6 +103,9 @@ def resolve_decode(decode: DecodeParams, sampling: SamplingParams, ctx: ResolveC
             raise _not_honoured(name, mode.name)
     if sampling.logprobs is not None and not mode.supports_logprobs:
         raise _not_honoured("logprobs", mode.name)
+    penalties = sampling.controls.penalties_set()
+    if penalties and not mode.honours_penalties:
+        raise _not_honoured(penalties[0], mode.name)
     model = ctx.model_defaults.get(mode.name, {})
     values: dict[str, Any] = {}
     for knob in mode.knobs:

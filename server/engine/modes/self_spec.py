@@ -64,6 +64,7 @@ class SelfSpeculativeMode(DecodeMode):
 
     name = "self_spec"
     knobs = ("block_length", "draft_length")
+    honours_penalties = True  # each verify row sees the drafts before it, so temperature 0 still equals AR
     needs_mask_token = True
     work_kinds = (PREFILL, DRAFT, VERIFY)
     metric_histograms = ("spec_decode_acceptance_length",)
