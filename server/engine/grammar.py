@@ -19,6 +19,7 @@ llguidance is imported lazily: a server whose requests ask for no grammar never 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -140,6 +141,54 @@ def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     return flat[:, :width]
 
 
+MAX_REPETITION = 10_000
+# regex {n} / {n,m}, and Lark's ~n / ~n..m
+_REPETITION = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}|~\s*(\d+)(?:\s*\.\.\s*(\d+))?")
+
+
+def _patterns(node: Any) -> list[str]:
+    """The regexes of a JSON schema (``pattern`` values and ``patternProperties`` keys)."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                found.append(value)
+            elif key == "patternProperties" and isinstance(value, dict):
+                found.extend(k for k in value if isinstance(k, str))
+            found.extend(_patterns(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_patterns(value))
+    return found
+
+
+def check_repetitions(spec: GrammarSpec) -> None:
+    """Refuse a regex repetition count above ``MAX_REPETITION`` (``a{99999999}``): llguidance
+    would spend many seconds building its lexer on the engine thread."""
+    if spec.kind in ("regex", "lark"):
+        texts = [spec.source]
+    elif spec.kind == "json_schema":
+        try:
+            texts = _patterns(json.loads(spec.source))
+        except ValueError:
+            texts = []
+    else:
+        texts = []
+    for text in texts:
+        for match in _REPETITION.finditer(text):
+            if any(g and int(g) > MAX_REPETITION for g in match.groups()):
+                raise ParamError("response_format", f"response_format: a repetition count above {MAX_REPETITION} ({match.group(0)}) is not supported")
+
+
+def _limits() -> Any:
+    """Resource limits of a grammar: lower than llguidance's defaults on size, since a grammar
+    is compiled and first matched on the engine thread (a huge repetition count in a regex
+    would otherwise stall every request for many seconds); terse errors (they reach the user)."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(max_grammar_size=50_000, max_lexer_states=50_000, verbose_errors=False)
+
+
 @dataclass
 class CompiledGrammar:
     """A grammar compiled against the tokenizer; ``matcher()`` gives a fresh per-request state."""
@@ -186,12 +235,13 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         t0 = time.perf_counter()
+        check_repetitions(spec)
         try:
             text = spec.grammar_text()
         except (ValueError, TypeError) as exc:
             raise ParamError("response_format", f"response_format: invalid {spec.kind}: {exc}") from None
         try:
-            template = LLMatcher(self._tokenizer(), text, log_level=0)
+            template = LLMatcher(self._tokenizer(), text, log_level=0, limits=_limits())
         except Exception as exc:  # llguidance raises on some grammar errors instead of flagging them
             raise ParamError("response_format", f"response_format: invalid {spec.kind}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         if template.is_error():

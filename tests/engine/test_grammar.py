@@ -169,7 +169,8 @@ def test_compiled_once_and_cached(engine: LLMEngine) -> None:
 
 def test_invalid_grammars_are_value_errors(engine: LLMEngine) -> None:
     for spec in (GrammarSpec("regex", "(unclosed"), GrammarSpec("lark", "start: nothing_defined"),
-                 GrammarSpec("json_schema", '{"type": "no-such-type"}')):
+                 GrammarSpec("json_schema", '{"type": "no-such-type"}'), GrammarSpec("regex", "a{99999999}"), GrammarSpec("lark", 'start: "a"~99999'),
+                 GrammarSpec.json_schema({"type": "string", "pattern": "^x{1,20000}$"})):
         with pytest.raises(ValueError, match="response_format"):
             engine.add_request("bad", prompt_ids(engine), params(spec, dict(mode="ar")))
     assert "bad" not in engine.requests and not engine.has_work

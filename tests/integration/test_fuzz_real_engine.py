@@ -80,7 +80,10 @@ def test_mutated_requests_real_engine(stack: Stack, path: str, valid: dict, patc
     else:
         body.setdefault("prompt", "Once upon a time")
     content = json.dumps(capped(body)).encode("utf-8", "surrogatepass")
-    resp = httpx.post(stack.url + path, content=content, headers={"content-type": "application/json"}, timeout=120)
+    try:
+        resp = httpx.post(stack.url + path, content=content, headers={"content-type": "application/json"}, timeout=120)
+    except httpx.TimeoutException:
+        pytest.fail(f"no answer in 120 s to {path} {content[:2000]!r}")
     check_answer(resp)
     assert wait_until(lambda: not engine.requests and engine.kv.num_free_pages == free_before, 15), (
         engine.kv.num_free_pages, free_before
