@@ -23,18 +23,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from tests.engine.test_grammar import PERSON  # noqa: E402  (the schema the tests constrain with)
+
 SCHEMAS = {
-    "person (4 fields)": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 10},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "tags": {"type": "array", "items": {"type": "string", "enum": ["red", "green", "blue"]}, "maxItems": 3},
-            "alive": {"type": "boolean"},
-        },
-        "required": ["name", "age", "tags", "alive"],
-        "additionalProperties": False,
-    },
+    "person (4 fields)": PERSON,
     "order (nested, 12 fields)": {
         "type": "object",
         "properties": {
