@@ -17,7 +17,8 @@ import torch
 
 from kernels.ops import paged_attention, store_kv
 from server.engine.request import Request, Work
-from server.model.model import DecoderModel
+from server.engine.vision_runner import VisionRunner
+from server.model.model import DecoderModel, ImageFeatures
 
 
 @dataclass
@@ -113,6 +114,7 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.scale = cfg.head_dim**-0.5
         self.max_pages_per_seq = max_pages_per_seq
+        self.vision = VisionRunner(model.vision, device) if model.vision is not None else None
         self.graphs = None
         if graph_query_lens and graph_batch_sizes:
             from server.engine.cuda_graphs import GraphRunner
@@ -122,7 +124,7 @@ class ModelRunner:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def forward_eager(self, hb: HostBatch) -> torch.Tensor:
+    def forward_eager(self, hb: HostBatch, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         max_pages = max(1, max(len(t) for t in hb.tables))
         tables = torch.zeros((len(hb.tables), max_pages), dtype=torch.int32)
@@ -139,17 +141,19 @@ class ModelRunner:
         )
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         ctx = PagedAttention(self.k_cache, self.v_cache, meta, self.scale)
-        return self.model(self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64), ctx, lora_rows)
+        ids, positions = self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64)
+        return self.model(ids, positions, ctx, lora_rows, image_features)
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Request, Work]]) -> list[torch.Tensor]:
         """One forward pass. Returns, per work, the fp32 logits of its ``logit_rows``."""
         hb = HostBatch.build(batch, self.page_size)
         hidden = None
-        if self.graphs is not None:
+        image_features = self.vision.features_for(batch) if self.vision is not None else None
+        if self.graphs is not None and image_features is None:
             hidden = self.graphs.try_run(hb)
         if hidden is None:
-            hidden = self.forward_eager(hb)
+            hidden = self.forward_eager(hb, image_features)
         vocab = self.model.config.vocab_size
         if not hb.logit_rows:
             return [hidden.new_zeros((0, vocab), dtype=torch.float32) for _ in batch]
