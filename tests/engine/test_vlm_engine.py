@@ -17,9 +17,8 @@ import torch
 
 from server.engine.images import clamp_chunk, locate_images
 from server.model.image_processing import ImageProcessorConfig, preprocess
-from server.model.loader import load_model
 from tests.engine.helpers import make_engine, model_for, to_params
-from tests.fixtures.vlm import IMAGE_TOKEN_ID, image_prompt, sample_images, write_mistral3_checkpoint, write_nld_vlm_checkpoint
+from tests.fixtures.vlm import IMAGE_TOKEN_ID, image_prompt, sample_images, vlm_models
 
 LONGEST = 112
 MAX_TOKENS = 12
@@ -28,10 +27,7 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     """(transformers model, ours in the Mistral-3 layout (AR only), ours in the NLD layout)."""
-    root = tmp_path_factory.mktemp("vlm-engine")
-    m3_dir, hf = write_mistral3_checkpoint(root / "m3", seed=5, longest_edge=LONGEST)
-    nld_dir = write_nld_vlm_checkpoint(m3_dir, root / "nld")
-    return hf, load_model(m3_dir, progress=False), load_model(nld_dir, progress=False)
+    return vlm_models(tmp_path_factory.mktemp("vlm-engine"), seed=5, longest_edge=LONGEST)
 
 
 def _prepared(names: list[str]):

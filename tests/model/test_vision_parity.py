@@ -24,8 +24,7 @@ from tests.fixtures.vlm import (
     IMAGE_END_ID,
     IMAGE_TOKEN_ID,
     sample_images,
-    write_mistral3_checkpoint,
-    write_nld_vlm_checkpoint,
+    vlm_models,
 )
 
 ATOL = 1e-4
@@ -36,10 +35,7 @@ TOKENS = ImageTokens(IMAGE_TOKEN_ID, IMAGE_BREAK_ID, IMAGE_END_ID)
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     """(transformers model, ours from the Mistral-3 layout, ours from the NLD VLM layout)."""
-    root = tmp_path_factory.mktemp("vlm")
-    m3_dir, hf = write_mistral3_checkpoint(root / "mistral3", seed=3, longest_edge=LONGEST)
-    nld_dir = write_nld_vlm_checkpoint(m3_dir, root / "nld")
-    return hf, load_model(m3_dir, progress=False), load_model(nld_dir, progress=False)
+    return vlm_models(tmp_path_factory.mktemp("vlm"), seed=3, longest_edge=LONGEST)
 
 
 @pytest.fixture(scope="module")
