@@ -122,6 +122,7 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--served-model-name", action="append", default=None)
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (off: data: URLs only)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)

@@ -54,6 +54,7 @@ class DrainingServer(uvicorn.Server):
 def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: list[str]) -> int:
     from server import __version__
     from server.api.app import create_app
+    from server.api.images import ImageLimits
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine import LLMEngine
     from server.metrics import Metrics
@@ -74,6 +75,7 @@ def serve(config: EngineConfig, args: argparse.Namespace, served_model_names: li
         default_mode=config.default_mode,
         default_refine_steps=config.default_refine_steps,
         max_body_bytes=args.max_body_bytes,
+        image_limits=ImageLimits(allow_urls=bool(getattr(args, "allow_image_urls", False))),
         metrics_registry=metrics.registry,
         version=__version__,
     )

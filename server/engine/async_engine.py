@@ -99,6 +99,11 @@ class AsyncEngine:
         return self._require().tokenizer
 
     @property
+    def image_inputs(self) -> Any:
+        """``ImageInputs`` of a vision-language model, else None."""
+        return self._require().image_inputs
+
+    @property
     def is_diffusion(self) -> bool:
         return self._require().model_config.is_diffusion
 
@@ -109,14 +114,16 @@ class AsyncEngine:
         return self._require().kv.num_pages
 
     # ------------------------------------------------------------- requests
-    async def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: RequestParams, request_id: str, images: list[Any] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         if not self.is_ready():
             raise EngineDeadError("the engine is not ready")
         loop = asyncio.get_running_loop()
         out_queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._streams[request_id] = (loop, out_queue)
-        self._post("add", (request_id, prompt_token_ids, params, added))
+        self._post("add", (request_id, prompt_token_ids, params, images, added))
         finished = False
         try:
             await asyncio.wrap_future(added)  # raises ValueError / QueueFullError from add_request
@@ -171,9 +178,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt, params, fut = payload
+                request_id, prompt, params, images, fut = payload
                 try:
-                    engine.add_request(request_id, prompt, params)
+                    engine.add_request(request_id, prompt, params, images)
                 except Exception as exc:
                     fut.set_exception(exc)
                 else:

@@ -35,9 +35,12 @@ class EngineClient(Protocol):
     def is_ready(self) -> bool:
         """True once the model is loaded and the engine loop is running (and not draining)."""
 
-    def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, prompt_token_ids: list[int], params: RequestParams, request_id: str, images: list[Any] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs. Raises ValueError for invalid params,
-        QueueFullError when the waiting queue is full."""
+        QueueFullError when the waiting queue is full. ``images`` (``PreparedImage``) fill
+        the prompt's image placeholder tokens (vision-language models only)."""
 
     async def abort(self, request_id: str, reason: str = "abort") -> None:
         """End a request early (no-op if it already finished). ``reason`` is its finish

@@ -28,7 +28,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import select_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.model.loader import load_model, parse_dtype
-from server.model.image_processing import PreparedImage
+from server.model.image_processing import ImageInputs, PreparedImage
 from server.model.model import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
+        self.image_inputs = self._image_inputs()
         self.num_steps = 0
         self.last_step_duration = 0.0
 
@@ -147,6 +148,18 @@ class LLMEngine:
                 f"({self.config.max_num_batched_tokens})"
             )
         return RequestParams(sampling=params.sampling, decode=decode)
+
+    def _image_inputs(self) -> ImageInputs | None:
+        """How the API turns images into prompt tokens (None: the model takes no images, or
+        its tokenizer lacks the image tokens, in which case only token-id prompts carry images)."""
+        vision = self.model_config.vision
+        if vision is None or self.tokenizer is None:
+            return None
+        try:
+            return ImageInputs.for_model(vision, self.tokenizer, self.config.model)
+        except ValueError as exc:
+            logger.warning("image inputs disabled: %s", exc)
+            return None
 
     def _image_spans(self, prompt_ids: list[int], images: list[PreparedImage] | None) -> list[ImageSpan]:
         """Place the images on the prompt's placeholder tokens; ValueError if they do not fit."""

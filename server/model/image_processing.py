@@ -37,6 +37,10 @@ class ImageError(ValueError):
     """The bytes are not a usable image (user input)."""
 
 
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed."""
+
+
 @dataclass(frozen=True)
 class ImageTokens:
     """The token ids of the placeholder layout."""
@@ -161,7 +165,7 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
             if image.format not in ("PNG", "JPEG", "WEBP"):
                 raise ImageError(f"unsupported image format {image.format}; send PNG, JPEG or WebP")
             if image.width * image.height > max_pixels:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"the image has {image.width}x{image.height} = {image.width * image.height} pixels; "
                     f"the limit is {max_pixels}"
                 )
@@ -175,3 +179,21 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
     if image.width < 1 or image.height < 1:
         raise ImageError("the image is empty")
     return image
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What the HTTP layer needs to turn images into prompt tokens for one model."""
+
+    tokens: ImageTokens
+    processor: ImageProcessorConfig
+    image_text: str  # the pad token as text: how an image part is rendered by the chat template
+
+    @classmethod
+    def for_model(cls, vision: VisionConfig, tokenizer: Any, model_dir: str | Path | None) -> "ImageInputs":
+        """Raises ValueError when the image token ids cannot be resolved."""
+        tokens = ImageTokens.resolve(vision, tokenizer)
+        text = tokenizer.convert_ids_to_tokens(tokens.pad) if tokenizer is not None else None
+        if not isinstance(text, str) or tokenizer.convert_tokens_to_ids(text) != tokens.pad:
+            raise ValueError(f"the tokenizer has no token string for the image token id {tokens.pad}")
+        return cls(tokens, ImageProcessorConfig.for_model(vision, model_dir), text)
