@@ -200,3 +200,35 @@ def test_image_token_text_in_a_message_is_refused(vlm_stack):
         client.completions.create(model=SERVED_NAME, prompt=[5, pad, 6], max_tokens=4)
     assert "placeholder" in info.value.body["message"]
     assert wait_until(lambda: _all_pages_free(vlm_stack), 10)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-image", "distinct-images"])
+def test_bench_image_workload(vlm_stack, tmp_path, same):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import ROOT, SUBPROCESS_ENV
+
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "server", "bench", "--base-url", vlm_stack.url, "--modes", "ar,self_spec",
+            "--num-prompts", "3", "--max-tokens", "4", "--images", "1", "--image-size", "84x56",
+            "--max-concurrency", "1", "--out", str(out), "--no-progress", "--no-plots", "--quality", "off"]
+    argv += ["--same-image"] if same else ["--seed", "1"]  # seed 1: images no earlier test sent
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(argv, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["images_per_request"] == 1
+    runs = {r["label"]: r for r in result["runs"]}
+    first, second = runs["ar"], runs["self_spec"]
+    assert first["summary"]["completed"] == 3 and second["summary"]["completed"] == 3
+    # one image sent by every request: encoded at most once; distinct images: once each in the
+    # first run, never in the second (same prompts: their image pages are in the prefix cache)
+    encoded = [(r["vision"] or {}).get("images_encoded", 0) for r in (first, second)]
+    if same:
+        assert sum(encoded) <= 1  # at most once (0 when an earlier test already encoded it)
+    else:
+        assert encoded[0] == 3 and encoded[1] == 0  # the second run's prompts are all in the prefix cache
+        assert first["vision"]["ms_per_image"] > 0
