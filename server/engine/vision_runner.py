@@ -16,6 +16,7 @@ from collections import OrderedDict
 import torch
 
 from server.engine.request import Request, Work
+from server.model.image_processing import PreparedImage
 from server.model.model import ImageFeatures
 from server.model.vision import VisionEncoder
 
@@ -29,9 +30,9 @@ class VisionRunner:
         self.images_encoded = 0  # counters read by the engine's metrics
         self.encode_seconds = 0.0
 
-    def _encode(self, spans: dict) -> None:
+    def _encode(self, images: dict[str, PreparedImage]) -> None:
         """Encode the (digest -> image) not in the cache, in one call."""
-        todo = [(d, im) for d, im in spans.items() if d not in self.cache]
+        todo = [(d, im) for d, im in images.items() if d not in self.cache]
         if not todo:
             return
         t0 = time.perf_counter()
@@ -47,7 +48,7 @@ class VisionRunner:
     def features_for(self, batch: list[tuple[Request, Work]]) -> ImageFeatures | None:
         """The image features of the batch's flat rows (None when no row takes one)."""
         needed: list[tuple[int, list[int], int, str]] = []  # (flat offset, positions, first feature, digest)
-        images = {}
+        images: dict[str, PreparedImage] = {}
         offset = 0
         for req, work in batch:
             start, end = req.num_computed, req.num_computed + len(work)
