@@ -4,7 +4,8 @@ Covered: an image request in each mode, streaming and not (greedy: both give the
 which depends on the image); PNG, JPEG and WebP data URLs; the same image sent twice hits
 the prefix cache and is not re-encoded; bad images (truncated, not an image, too large, too
 many, an http URL, bad base64, a non-image MIME type) get 400s in the OpenAI error shape
-naming the part, and the server keeps serving with every KV page back; a text-only model
+naming the part, and the server keeps serving with every KV page back; http(s) URLs are
+fetched only when allowed; the bench image workload; a text-only model
 answers an image part with a 400 naming the field.
 """
 
@@ -232,3 +233,31 @@ def test_bench_image_workload(vlm_stack, tmp_path, same):
     else:
         assert encoded[0] == 3 and encoded[1] == 0  # the second run's prompts are all in the prefix cache
         assert first["vision"]["ms_per_image"] > 0
+
+
+def test_http_image_urls_are_fetched_only_when_allowed(vlm_stack, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "img.png").write_bytes(_image_bytes(8))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/img.png"
+    app, original = vlm_stack.app, vlm_stack.app.state.settings
+    try:
+        inline = _chat(vlm_stack, image_messages(data_url(_image_bytes(8))), False, MODE_FIELDS["ar"])[0]
+        with _client(vlm_stack) as client, pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=SERVED_NAME, messages=image_messages(url), max_tokens=4)  # type: ignore[arg-type]
+        assert info.value.body["code"] == "image_url_not_allowed"
+        app.state.settings = replace(original, image_limits=ImageLimits(allow_urls=True))
+        assert _chat(vlm_stack, image_messages(url), False, MODE_FIELDS["ar"])[0] == inline
+        with _client(vlm_stack) as client, pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=SERVED_NAME, messages=image_messages(url + ".missing"), max_tokens=4)  # type: ignore[arg-type]
+        assert info.value.body["code"] == "image_fetch_failed"
+    finally:
+        app.state.settings = original
+        httpd.shutdown()
+        httpd.server_close()
