@@ -263,7 +263,7 @@ class LLMEngine:
                 start += n
                 if work.kind == "verify":
                     self.kv.truncate(req.table, req.num_computed)
-                if work.writes_kv:
+                if work.writes_kv and req.num_computed // self.kv.page_size > len(req.table.hashes):
                     self.kv.cache_full_pages(req.table, req.cache_keys, req.num_computed)
                 if stats.prefill_done_time is None and req.num_computed >= req.num_prompt:
                     stats.prefill_done_time = now

@@ -56,9 +56,10 @@ class VisionAttention(nn.Module):
         v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
         outs = []
         # one dense attention per image: no [N, N] mask over the packed sequence
+        # (4D inputs: with 3D ones PyTorch's CPU SDPA falls back to the slow math kernel)
         for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            outs.append(o.transpose(0, 1))
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
+            outs.append(o[0].transpose(0, 1))
         return self.o_proj(torch.cat(outs).reshape(n, -1))
 
 
