@@ -193,3 +193,25 @@ def test_preemption_recomputes_images(vlm):
     out = _run(engine, reqs)
     assert engine.scheduler.num_preemptions > 0
     assert all(tokens == alone for tokens in out.values())
+
+
+@pytest.mark.parametrize("clear_encoder_cache", [False, True])
+def test_prefix_hit_inside_an_image(vlm, clear_encoder_cache):
+    """Same image, different text right after it: the cache hit ends inside the image's span,
+    the next chunk starts there and takes the tail of the image's features (from the encoder
+    LRU, or encoded again when it was evicted); the output equals a cold run."""
+    _, _, ours = vlm
+    prepared = _prepared(["large"])
+    tokens_a = image_prompt(prepared, suffix=())[:-2] + [50, 51, 52]
+    tokens_b = image_prompt(prepared, suffix=())[:-2] + [60, 61, 62]
+    span = locate_images(tokens_b, prepared, IMAGE_TOKEN_ID)[0]
+    cold = _run(make_engine(ours, page_size=4), [("b", tokens_b, to_params(_spec("ar")), prepared)])["b"]
+    engine = make_engine(ours, page_size=4)
+    _run(engine, [("a", tokens_a, to_params(_spec("ar")), prepared)])
+    if clear_encoder_cache:
+        engine.runner.vision.cache.clear()
+    before = engine.runner.vision.images_encoded
+    req = engine.add_request("b", tokens_b, to_params(_spec("ar")), prepared)
+    assert _run(engine, [])["b"] == cold
+    assert span.start < req.stats.cached_prompt_tokens < span.end
+    assert engine.runner.vision.images_encoded - before == (1 if clear_encoder_cache else 0)
