@@ -10,43 +10,46 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.api.errors import APIError, bad_request
-from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TextContentPart
 
 MAX_PROMPTS = 16
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One tokenized prompt; ``text`` is its text form (for ``echo``)."""
+    """One tokenized prompt; ``text`` is its text form (for ``echo``). ``images`` fill its
+    image placeholder tokens in order (vision-language models)."""
 
     token_ids: list[int]
     text: str
+    images: tuple[Any, ...] = ()
 
 
-def _message_text(message: ChatMessage) -> str:
+def _message_text(message: ChatMessage, image_text: str) -> str:
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(part.text for part in content)
+    return "\n".join(part.text if isinstance(part, TextContentPart) else image_text for part in content)
 
 
-def _messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def _messages_for_template(messages: list[ChatMessage], image_text: str) -> list[dict[str, str]]:
     out = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": _message_text(message)})
+        out.append({"role": role, "content": _message_text(message, image_text)})
     return out
 
 
-def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> Prompt:
-    """Apply the chat template (``add_generation_prompt=True``) and tokenize the result."""
+def chat_prompt(tokenizer: Any, request: ChatCompletionRequest, image_text: str = "") -> Prompt:
+    """Apply the chat template (``add_generation_prompt=True``) and tokenize the result.
+    Each image part is rendered as ``image_text`` (the image token, expanded later)."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
     try:
         text = tokenizer.apply_chat_template(
-            _messages_for_template(request.messages), add_generation_prompt=True, tokenize=False
+            _messages_for_template(request.messages, image_text), add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # jinja2 TemplateError (e.g. the template refuses a role order)
         raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from exc
