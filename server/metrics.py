@@ -108,6 +108,11 @@ class Metrics:
             _name("prefix_cache_queries"), "Prompt tokens looked up in the prefix cache.", ["model"], registry=r)
         self.prefix_cache_hits = Counter(
             _name("prefix_cache_hits"), "Prompt tokens found in the prefix cache.", ["model"], registry=r)
+        self.vision_images_processed = Counter(
+            _name("vision_images_processed"), "Images run through the vision encoder (prefix-cache hits skip it).",
+            ["model"], registry=r)
+        self.vision_encoder_seconds = Counter(
+            _name("vision_encoder_seconds"), "Wall time spent in the vision encoder.", ["model"], registry=r)
 
         # --- per-request histograms -------------------------------------------------
         self.time_to_first_token_seconds = Histogram(
@@ -153,7 +158,8 @@ class Metrics:
         """Create the zero-valued series dashboards expect, so rates work from the start."""
         m = self.model_name
         for g in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
-                  self.scheduler_step_duration_seconds, self.prefix_cache_queries, self.prefix_cache_hits):
+                  self.scheduler_step_duration_seconds, self.prefix_cache_queries, self.prefix_cache_hits,
+                  self.vision_images_processed, self.vision_encoder_seconds):
             g.labels(model=m)
         for mode_obj in all_modes():
             mode = mode_obj.name
@@ -243,6 +249,10 @@ class Metrics:
             self.prefix_cache_queries.labels(model=m).inc(queried_tokens)
         if hit_tokens > 0:
             self.prefix_cache_hits.labels(model=m).inc(hit_tokens)
+
+    def on_vision_encode(self, images: int, seconds: float) -> None:
+        self.vision_images_processed.labels(model=self.model_name).inc(images)
+        self.vision_encoder_seconds.labels(model=self.model_name).inc(seconds)
 
     # ------------------------------------------------------------------ exposition
     def render(self) -> bytes:

@@ -166,6 +166,7 @@ OPTIONS: tuple[Option, ...] = (
            "name(s) a request's model may use; repeat the flag, or a list / comma-separated (default: folder name)",
            nullable=True),
     Option("max_body_bytes", int, 4 * 1024 * 1024, "largest request body accepted (413 beyond)", minimum=1),
+    Option("allow_image_urls", bool, False, "fetch http(s) image URLs of image_url parts (off: data: URLs only)"),
     Option("drain_timeout", float, 30.0,
            "seconds SIGTERM waits for in-flight requests before exiting (keep below the orchestrator's grace period)",
            minimum=0.0),

@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, install_error_handlers
+from server.api.images import ImageLimits
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.protocol import (
     ChatCompletionChunk,
@@ -145,13 +146,15 @@ def create_app(
     version: str,
     keepalive_s: float = 10.0,
     default_max_tokens: int = 4096,
+    image_limits: ImageLimits | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app serving ``engine``.
 
     ``served_model_names`` are the names a request's ``model`` may use (the engine's
     ``model_name`` when empty); ``api_key`` guards ``/v1/*`` when set; ``default_mode``
     applies when a request gives none (knob defaults are the engine's); ``keepalive_s`` is the SSE
-    keep-alive interval; ``default_max_tokens`` caps the default completion budget.
+    keep-alive interval; ``default_max_tokens`` caps the default completion budget;
+    ``image_limits`` bounds image inputs (and allows fetching image URLs).
     """
     settings = ServerSettings(
         served_model_names=tuple(served_model_names or [engine.model_name]),
@@ -161,6 +164,7 @@ def create_app(
         version=version,
         keepalive_s=keepalive_s,
         default_max_tokens=default_max_tokens,
+        image_limits=image_limits or ImageLimits(),
     )
     app = FastAPI(title="nld-server", version=version, description="OpenAI-compatible tri-mode diffusion LM server")
     app.state.engine = engine

@@ -83,7 +83,9 @@ class ChoiceRun:
         """Submit, consume until finished (or stopped), then release the engine request."""
         try:
             try:
-                stream = self.engine.generate(self.spec.prompt.token_ids, self.spec.params, self.spec.request_id)
+                prompt = self.spec.prompt
+                images = {"images": list(prompt.images)} if prompt.images else {}
+                stream = self.engine.generate(prompt.token_ids, self.spec.params, self.spec.request_id, **images)
             except BaseException:
                 self._engine_done = True  # never admitted: nothing to abort
                 raise

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.api.errors import APIError, bad_request
-from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TextContentPart
 from server.api.tool_messages import render_message, template_tool_kwargs
 
 MAX_PROMPTS = 16
@@ -18,19 +18,21 @@ MAX_PROMPTS = 16
 
 @dataclass(frozen=True)
 class Prompt:
-    """One tokenized prompt; ``text`` is its text form (for ``echo``)."""
+    """One tokenized prompt; ``text`` is its text form (for ``echo``). ``images`` fill its
+    image placeholder tokens in order (vision-language models)."""
 
     token_ids: list[int]
     text: str
+    images: tuple[Any, ...] = ()
 
 
-def _message_text(message: ChatMessage) -> str:
+def _message_text(message: ChatMessage, image_text: str) -> str:
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(part.text for part in content)
+    return "\n".join(part.text if isinstance(part, TextContentPart) else image_text for part in content)
 
 
 def _check_message(index: int, message: ChatMessage) -> None:
@@ -45,20 +47,21 @@ def _check_message(index: int, message: ChatMessage) -> None:
         raise bad_request(f"Message {index} has no 'content'.", param=f"{param}.content")
 
 
-def _messages_for_template(messages: list[ChatMessage], template: str) -> list[dict[str, Any]]:
+def _messages_for_template(messages: list[ChatMessage], template: str, image_text: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         _check_message(index, message)
         role = "system" if message.role == "developer" else message.role
-        out.append(render_message(role, _message_text(message), message, template))
+        out.append(render_message(role, _message_text(message, image_text), message, template))
     return out
 
 
-def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> Prompt:
-    """Apply the chat template (``add_generation_prompt=True``) and tokenize the result."""
+def chat_prompt(tokenizer: Any, request: ChatCompletionRequest, image_text: str = "") -> Prompt:
+    """Apply the chat template (``add_generation_prompt=True``) and tokenize the result.
+    Each image part is rendered as ``image_text`` (the image token, expanded later)."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
-    messages = _messages_for_template(request.messages, tokenizer.chat_template)
+    messages = _messages_for_template(request.messages, tokenizer.chat_template, image_text)
     try:
         text = tokenizer.apply_chat_template(
             messages,

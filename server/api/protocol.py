@@ -71,9 +71,22 @@ class ToolCallIn(_RequestModel):
     function: ToolCallFunction
 
 
+class ImageURL(_RequestModel):
+    url: str = Field(description="a data: URL (base64 PNG, JPEG or WebP); http(s) only when the server allows fetching")
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted and ignored
+
+
+class ImageContentPart(_RequestModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextContentPart, ImageContentPart], Field(discriminator="type")]
+
+
 class ChatMessage(_RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextContentPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCallIn]] = None  # assistant only
     tool_call_id: Optional[str] = None  # tool only

@@ -86,6 +86,7 @@ def build_replica(settings: Settings, on_fatal: Callable[[str], None] | None, re
     metric. Call ``replica.engine.start()`` to load the weights (in the engine thread)."""
     from server import __version__
     from server.api.app import create_app
+    from server.api.images import ImageLimits
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine import LLMEngine
     from server.metrics import Metrics
@@ -110,6 +111,7 @@ def build_replica(settings: Settings, on_fatal: Callable[[str], None] | None, re
         api_key=settings.api_key,
         default_mode=config.default_mode,
         max_body_bytes=settings.max_body_bytes,
+        image_limits=ImageLimits(allow_urls=settings.allow_image_urls),
         metrics_registry=labelled_registry(metrics.registry, replica),
         version=__version__,
     )

@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, Response
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.api.errors import APIError, bad_request, from_engine_exception, internal_error, service_unavailable
 from server.api.generation import ChoiceSpec, Generation
+from server.api.images import chat_prompt_with_images, image_parts, prepare_images
 from server.api.logprobs import chat_logprobs, completion_logprobs
-from server.api.prompts import Prompt, chat_prompt, completion_prompts, resolve_max_tokens
+from server.api.prompts import Prompt, completion_prompts, resolve_max_tokens
 from server.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -93,12 +94,13 @@ class _Plan:
     specs: list[ChoiceSpec]
 
 
-def _plan(request: GenerationRequest, engine: EngineClient, settings: ServerSettings) -> _Plan:
+def _plan(request: GenerationRequest, engine: EngineClient, settings: ServerSettings, images: list | None = None) -> _Plan:
     model = resolve_model(settings, request.model)
     is_chat = isinstance(request, ChatCompletionRequest)
     tokenizer = engine.tokenizer
     if is_chat:
-        prompts = [chat_prompt(tokenizer, request)]  # type: ignore[arg-type]
+        image_inputs = getattr(engine, "image_inputs", None)
+        prompts = [chat_prompt_with_images(tokenizer, request, image_inputs, images or [])]  # type: ignore[arg-type]
     else:
         prompts = completion_prompts(tokenizer, request)  # type: ignore[arg-type]
     prompt_param = "messages" if is_chat else "prompt"
@@ -188,7 +190,14 @@ async def serve_generation(http_request: Request, request: GenerationRequest) ->
         raise service_unavailable("The server is shutting down and accepts no new requests.", code="draining")
     if not engine.is_ready():
         raise service_unavailable("The model is still loading; retry shortly.", code="loading")
-    plan = _plan(request, engine, settings)
+    resolve_model(settings, request.model)
+    images = []
+    if isinstance(request, ChatCompletionRequest) and image_parts(request):
+        # decoding and resizing are CPU work: off the event loop
+        images = await anyio.to_thread.run_sync(
+            prepare_images, request, getattr(engine, "image_inputs", None), settings.image_limits
+        )
+    plan = _plan(request, engine, settings, images)
     logger.info(
         "request %s -> %s mode=%s choices=%d stream=%s",
         getattr(http_request.state, "request_id", "-"), plan.response_id, plan.options.mode,

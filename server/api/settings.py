@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from server.api.images import ImageLimits
 
 from server.engine.modes import get_mode
 
@@ -17,6 +19,7 @@ class ServerSettings:
     keepalive_s: float = 10.0  # SSE keep-alive comment interval while waiting for output
     default_max_tokens: int = 4096  # cap of the default completion budget (remaining context)
     max_choices: int = 64  # prompts x n per request
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

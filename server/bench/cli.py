@@ -28,7 +28,7 @@ from server.bench.client import (
     scrape_metrics,
     stream_request,
 )
-from server.bench.prompts import Prompt, builtin_prompts, load_prompts
+from server.bench.prompts import Prompt, attach_images, builtin_prompts, load_prompts
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("requests")
     g.add_argument("--prompts-file", default=None, help="prompts: .jsonl / .json / .txt (default: built-in set)")
     g.add_argument("--max-tokens", type=_positive_int, default=128, help="max_tokens of every request")
+    g.add_argument("--images", type=int, default=0, metavar="N",
+                   help="image workload: N synthetic PNG images (data: URLs) per chat request")
+    g.add_argument("--image-size", default="448x448", metavar="WxH", help="size of the synthetic images")
+    g.add_argument("--same-image", action="store_true",
+                   help="every request sends the same images (exercises the prefix cache)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (vLLM/SGLang/ours)")
     g.add_argument("--extra-body", type=_json_obj, default={}, metavar="JSON",
@@ -285,6 +290,7 @@ class Bench:
                     "request_fields": {**a.extra_body, **fields},
                     "summary": stats.summarize(results, duration),
                     "tpf": tpf,
+                    "vision": stats.vision_from_metrics(delta),
                     "quality": stats.agreement(results, references) if quality else None,
                     "requests": [self._request_record(r) for r in results],
                 }
@@ -301,6 +307,8 @@ class Bench:
                 "modes": a.modes, "refine_steps": a.refine_steps, "prompts_file": a.prompts_file,
                 "num_distinct_prompts": len(set(self.sequence)), "seed": a.seed, "warmup": a.warmup,
                 "metrics_url": self.metrics_url,
+                "images_per_request": a.images, "image_size": a.image_size if a.images else None,
+                "same_image": a.same_image,
             },
             "references": ref_info,
             "runs": runs_out,
@@ -328,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         prompts = load_prompts(args.prompts_file) if args.prompts_file else builtin_prompts()
+        if args.images:
+            if args.images < 0 or args.endpoint != "chat":
+                raise ValueError("--images needs a count >= 0 and --endpoint chat")
+            width, _, height = args.image_size.partition("x")
+            prompts = attach_images(prompts, args.images, int(width), int(height), args.same_image, args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,12 @@
-"""Prompt sets for the load generator: a small built-in set, or a file (jsonl / json / txt)."""
+"""Prompt sets for the load generator: a small built-in set, or a file (jsonl / json / txt),
+optionally with synthetic images attached (an image workload for vision-language models)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +18,19 @@ class Prompt:
 
     messages: tuple[tuple[str, str], ...]  # (role, content)
     max_tokens: int | None = None  # per-prompt override of --max-tokens
+    images: tuple[str, ...] = ()  # image URLs (data:) sent before the last message's text
 
     @staticmethod
     def user(text: str, max_tokens: int | None = None) -> "Prompt":
         return Prompt(messages=(("user", text),), max_tokens=max_tokens)
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in self.messages]
+        if self.images:
+            parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in self.images]
+            parts.append({"type": "text", "text": out[-1]["content"]})
+            out[-1] = {"role": out[-1]["role"], "content": parts}
+        return out
 
     def text(self) -> str:
         return "\n".join(c for _, c in self.messages)
@@ -120,3 +130,29 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"{p}: no prompts found")
     return prompts
+
+
+def synthetic_image_url(seed: int, width: int, height: int) -> str:
+    """A PNG of random blocks as a ``data:`` URL (deterministic in ``seed``)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height))
+    step = max(8, min(width, height) // 8)
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            image.paste((rng.randrange(256), rng.randrange(256), rng.randrange(256)), (x, y, x + step, y + step))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def attach_images(prompts: list[Prompt], per_prompt: int, width: int, height: int, same: bool, seed: int = 0) -> list[Prompt]:
+    """``per_prompt`` synthetic images on every prompt: distinct images per prompt, or (``same``)
+    one set shared by all prompts, which a prefix-caching server encodes once."""
+    out = []
+    for i, p in enumerate(prompts):
+        base = seed * 1_000_003 + (0 if same else i * per_prompt)
+        urls = tuple(synthetic_image_url(base + k, width, height) for k in range(per_prompt))
+        out.append(Prompt(p.messages, p.max_tokens, urls))
+    return out

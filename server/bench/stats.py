@@ -95,6 +95,17 @@ def metrics_delta(before: dict[tuple, float] | None, after: dict[tuple, float] |
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
+def vision_from_metrics(delta: dict[tuple, float] | None) -> dict[str, Any] | None:
+    """Images the server's vision encoder processed over the run, and its time (our server)."""
+    if not delta:
+        return None
+    images = _sum_samples(delta, "nld_vision_images_processed_total", None)
+    seconds = _sum_samples(delta, "nld_vision_encoder_seconds_total", None)
+    if images <= 0:
+        return None
+    return {"images_encoded": int(images), "encoder_seconds": seconds, "ms_per_image": 1000 * seconds / images}
+
+
 def tpf_from_metrics(delta: dict[tuple, float] | None, mode: str | None) -> dict[str, Any] | None:
     """TPF from the change in the server's ``nld_*`` counters over the run (our server only)."""
     if not delta:

@@ -116,6 +116,11 @@ class AsyncEngine:
             return self._tokenizer
         return self._require().tokenizer
 
+    @property
+    def image_inputs(self) -> Any:
+        """``ImageInputs`` of a vision-language model, else None."""
+        return self._require().image_inputs
+
     def kv_pages_free(self) -> int:
         return self._require().kv.num_free_pages
 
@@ -123,7 +128,9 @@ class AsyncEngine:
         return self._require().kv.num_pages
 
     # ------------------------------------------------------------- requests
-    async def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: RequestParams, request_id: str, images: list[Any] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         if self.failure is not None:
             raise EngineDeadError(self.failure)
         if not self.is_ready():
@@ -132,7 +139,7 @@ class AsyncEngine:
         out_queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._streams[request_id] = (loop, out_queue)
-        self._post("add", (request_id, prompt_token_ids, params, added))
+        self._post("add", (request_id, prompt_token_ids, params, images, added))
         finished = False
         try:
             await asyncio.wrap_future(added)  # raises ValueError / QueueFullError from add_request
@@ -208,7 +215,7 @@ class AsyncEngine:
                 return
             if kind == "add":
                 try:
-                    payload[3].set_exception(EngineDeadError(self.failure or "the engine is not running"))
+                    payload[-1].set_exception(EngineDeadError(self.failure or "the engine is not running"))
                 except concurrent.futures.InvalidStateError:  # already answered
                     pass
 
@@ -219,9 +226,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt, params, fut = payload
+                request_id, prompt, params, images, fut = payload
                 try:
-                    engine.add_request(request_id, prompt, params)
+                    engine.add_request(request_id, prompt, params, images)
                 except Exception as exc:
                     fut.set_exception(exc)
                 else:

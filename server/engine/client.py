@@ -37,11 +37,14 @@ class EngineClient(Protocol):
     def is_healthy(self) -> bool:
         """False once the engine can never serve again (failed load, dead engine thread)."""
 
-    def generate(self, prompt_token_ids: list[int], params: RequestParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, prompt_token_ids: list[int], params: RequestParams, request_id: str, images: list[Any] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs. ``params`` are resolved by the engine on
         admission; raises ParamError (a ValueError naming the field) for params the mode or
         the model cannot honour, ValueError for other bad input, QueueFullError when the
-        waiting queue is full."""
+        waiting queue is full. ``images`` (``PreparedImage``) fill the prompt's image
+        placeholder tokens (vision-language models only)."""
 
     async def abort(self, request_id: str, reason: str = "abort") -> None:
         """End a request early (no-op if it already finished). ``reason`` is its finish

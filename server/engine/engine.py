@@ -18,6 +18,7 @@ from server.config import EngineConfig
 from server.engine.client import QueueFullError
 from server.engine.cpu_threads import configure_cpu_threads
 from server.engine.grammar import GrammarCompiler
+from server.engine.images import ImageSpan, locate_images
 from server.engine.kv_cache import KVCacheManager
 from server.engine.metrics_sink import MetricsSink, NullMetrics
 from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
@@ -30,6 +31,7 @@ from server.engine.sampler import RowSpec, select_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.work import Work
 from server.model.loader import load_model, parse_dtype
+from server.model.image_processing import ImageInputs, PreparedImage
 from server.model.model import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -113,9 +115,11 @@ class LLMEngine:
         )
         self.scheduler.on_preempt = lambda req: self.metrics.on_preemption(req.params.decode.mode)
         self._prefix_seen = (0, 0)  # (queried, hit) tokens already reported to metrics
+        self._vision_seen = (0, 0.0)  # (images encoded, encoder seconds) already reported
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.eos_ids = frozenset(mc.eos_token_ids) | end_of_turn_ids(tokenizer, config.model)
+        self.image_inputs = self._image_inputs()
         self.num_steps = 0
         self.last_step_duration = 0.0
         self._grammars: GrammarCompiler | None = None
@@ -165,8 +169,39 @@ class LLMEngine:
         if any(t >= vocab for t, _ in s.controls.logit_bias):
             raise ParamError("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams) -> Request:
-        """Admit a request (ValueError / ParamError for bad input, QueueFullError when full)."""
+    def _image_inputs(self) -> ImageInputs | None:
+        """How the API turns images into prompt tokens (None: the model takes no images, or
+        its tokenizer lacks the image tokens, in which case only token-id prompts carry images)."""
+        vision = self.model_config.vision
+        if vision is None or self.tokenizer is None:
+            return None
+        try:
+            return ImageInputs.for_model(vision, self.tokenizer, self.config.model)
+        except ValueError as exc:
+            logger.warning("image inputs disabled: %s", exc)
+            return None
+
+    def _image_spans(self, prompt_ids: list[int], images: list[PreparedImage] | None) -> list[ImageSpan]:
+        """Place the images on the prompt's placeholder tokens; ValueError if they do not fit."""
+        vision = self.model_config.vision
+        if vision is None or vision.image_token_id is None:
+            if images:
+                raise ValueError("this model does not accept images")
+            return []
+        spans = locate_images(prompt_ids, list(images or []), vision.image_token_id)
+        for span in spans:
+            if span.end - span.start > self.config.max_num_batched_tokens:
+                raise ValueError(
+                    f"an image of {span.end - span.start} prompt tokens exceeds the per-step token budget "
+                    f"({self.config.max_num_batched_tokens}); it cannot be prefilled in one chunk"
+                )
+        return spans
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: RequestParams, images: list[PreparedImage] | None = None
+    ) -> Request:
+        """Admit a request (ValueError / ParamError for bad input, QueueFullError when full).
+        ``images`` (vision-language models) fill the prompt's image placeholder tokens in order."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -179,6 +214,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
             )
         resolved = self.resolve_params(params)
+        spans = self._image_spans(prompt_ids, images)
         s = resolved.sampling
         stop = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_ids))
         req = Request(
@@ -189,6 +225,7 @@ class LLMEngine:
             stop_ids=frozenset(stop),
             max_model_len=self.max_model_len,
             arrival_order=next(self._arrivals),
+            images=spans,
         )
         req.stats.model = self.config.model
         req.stats.forward_passes = dict.fromkeys(work_kind_names(), 0)
@@ -250,8 +287,8 @@ class LLMEngine:
                 mode.apply(req, work, results[start : start + n], lg)
                 mode.after_pass(req, work, self.kv)
                 start += n
-                if work.writes_kv:
-                    self.kv.cache_full_pages(req.table, req.token_ids, req.num_computed)
+                if work.writes_kv and req.num_computed // self.kv.page_size > len(req.table.hashes):
+                    self.kv.cache_full_pages(req.table, req.cache_keys, req.num_computed)
                 if stats.prefill_done_time is None and req.num_computed >= req.num_prompt:
                     stats.prefill_done_time = now
         for req in self.scheduler.finished_early:
@@ -265,6 +302,7 @@ class LLMEngine:
                 outputs.append(self._take_output(req))
         self.num_steps += 1
         self.last_step_duration = time.time() - t0
+        self._report_vision()
         self._report_gauges()
         return outputs
 
@@ -282,6 +320,14 @@ class LLMEngine:
         if req.grammar is not None:
             out = req.grammar.mask_rows(out, sequence, len(req.token_ids), positions, mask_id)
         return out.to(lg.dtype)
+    def _report_vision(self) -> None:
+        """Report the images encoded (and the encoder time) since the last report."""
+        vision = self.runner.vision
+        if vision is None or vision.images_encoded == self._vision_seen[0]:
+            return
+        images, seconds = vision.images_encoded, vision.encode_seconds
+        self.metrics.on_vision_encode(images - self._vision_seen[0], seconds - self._vision_seen[1])
+        self._vision_seen = (images, seconds)
 
     def _take_output(self, req: Request) -> RequestOutput:
         now = time.time()
@@ -307,12 +353,17 @@ class LLMEngine:
         return out
 
     # ------------------------------------------------------------- offline
-    def generate(self, prompts: list[list[int]], params: RequestParams | list[RequestParams]) -> list[dict[str, Any]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: RequestParams | list[RequestParams],
+        images: list[list[PreparedImage]] | None = None,
+    ) -> list[dict[str, Any]]:
         """Run prompts to completion (offline). Returns per prompt the token ids, finish reason
-        and stats."""
+        and stats. ``images[i]`` are prompt i's images (vision-language models)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
-        pending = list(zip(ids, prompts, plist))[::-1]
+        pending = list(zip(ids, prompts, plist, images or [None] * len(prompts)))[::-1]
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):

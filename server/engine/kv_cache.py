@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Hashable, Sequence
 
 
 @dataclass
@@ -38,7 +39,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_pages
         self.page_hash: list[int | None] = [None] * num_pages
-        self.page_tokens: list[tuple[int, ...] | None] = [None] * num_pages
+        # the keys a hashed page covers: token ids, or stand-ins for them (image pads carry the
+        # image's digest, see server.engine.images)
+        self.page_tokens: list[tuple[Hashable, ...] | None] = [None] * num_pages
         self.hash_to_page: dict[int, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
         self.prefix_queries = 0  # tokens looked up
@@ -107,7 +110,7 @@ class KVCacheManager:
     def _chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
-    def match_prefix(self, table: PageTable, token_ids: list[int]) -> int:
+    def match_prefix(self, table: PageTable, token_ids: Sequence[Hashable]) -> int:
         """Attach cached pages covering a prefix of ``token_ids`` to the empty ``table``.
         Returns the number of tokens covered. The last token is never covered, so at least
         one token is always computed (its logits are needed)."""
@@ -133,7 +136,7 @@ class KVCacheManager:
         self.prefix_hits += hit
         return hit
 
-    def cache_full_pages(self, table: PageTable, token_ids: list[int], num_computed: int) -> None:
+    def cache_full_pages(self, table: PageTable, token_ids: Sequence[Hashable], num_computed: int) -> None:
         """Register the hashes of pages that are now full of committed K/V
         (the first ``num_computed`` tokens of ``token_ids`` are in the cache)."""
         if not self.enable_prefix_caching:

@@ -20,6 +20,8 @@ class MetricsSink(Protocol):
 
     def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
 
+    def on_vision_encode(self, images: int, seconds: float) -> None: ...
+
 
 class NullMetrics:
     """A sink that records nothing (the engine's default)."""
@@ -37,4 +39,7 @@ class NullMetrics:
         pass
 
     def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def on_vision_encode(self, images: int, seconds: float) -> None:
         pass

@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Hashable
 
+from server.engine.images import ImageSpan, cache_keys
 from server.engine.kv_cache import PageTable
 from server.engine.outputs import FinishReason, RequestStats, TokenLogprob
 from server.engine.params import ResolvedParams
@@ -43,6 +45,7 @@ class Request:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     arrival_order: int = 0
     grammar: Any = None  # GrammarMatcher of a constrained request; follows the emitted tokens
+    images: list[ImageSpan] = field(default_factory=list)  # images in the prompt (VLM)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -55,6 +58,11 @@ class Request:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def cache_keys(self) -> list[Hashable]:
+        """``token_ids`` as the prefix cache hashes them (image pads keyed by the image content)."""
+        return cache_keys(self.token_ids, self.images)
 
     @property
     def output_ids(self) -> list[int]:

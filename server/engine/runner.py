@@ -14,8 +14,9 @@ from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tabl
 from server.engine.cpu_attention import CpuPagedAttention
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
+from server.engine.vision_runner import VisionRunner
 from server.engine.work import Work
-from server.model.model import DecoderModel
+from server.model.model import DecoderModel, ImageFeatures
 
 
 class ModelRunner:
@@ -45,6 +46,7 @@ class ModelRunner:
         self.max_pages_per_seq = max_pages_per_seq
         # the CPU attention path (server.engine.cpu_attention); False: the kernels.ops reference
         self.cpu_attention = device.type == "cpu" and not use_triton(device)
+        self.vision = VisionRunner(model.vision, device) if model.vision is not None else None
         self.graphs: GraphRunner | None = None
         if graph_query_lens and graph_batch_sizes:
             self.graphs = self.graph_runner(graph_batch_sizes, graph_query_lens, capture=device.type == "cuda")
@@ -57,13 +59,13 @@ class ModelRunner:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def forward_eager(self, hb: HostBatch) -> torch.Tensor:
+    def forward_eager(self, hb: HostBatch, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         if self.cpu_attention:
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
                                     hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
-            return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows)
+            return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows, image_features)
         tables = padded_tables(hb.tables, len(hb.tables), max(1, max(len(t) for t in hb.tables)))
         attention = AttentionMetadata(
             block_tables=tables.to(self.device, non_blocking=True),
@@ -74,17 +76,19 @@ class ModelRunner:
         )
         meta = BatchMetadata(attention, slot_mapping=self._to_device(hb.slots, torch.int64))
         ctx = self.kv.context(meta)
-        return self.model(self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64), ctx, lora_rows)
+        ids, positions = self._to_device(hb.input_ids, torch.int64), self._to_device(hb.positions, torch.int64)
+        return self.model(ids, positions, ctx, lora_rows, image_features)
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Request, Work]]) -> list[torch.Tensor]:
         """One forward pass. Returns, per work, the fp32 logits of its ``logit_rows``."""
         hb = HostBatch.build(batch, self.page_size)
         hidden = None
-        if self.graphs is not None:
+        image_features = self.vision.features_for(batch) if self.vision is not None else None
+        if self.graphs is not None and image_features is None:
             hidden = self.graphs.try_run(hb)
         if hidden is None:
-            hidden = self.forward_eager(hb)
+            hidden = self.forward_eager(hb, image_features)
         vocab = self.model.config.vocab_size
         if not hb.logit_rows:
             return [hidden.new_zeros((0, vocab), dtype=torch.float32) for _ in batch]

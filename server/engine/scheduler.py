@@ -110,7 +110,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             req = self.waiting[0]
             if not req.table.pages and req.num_computed == 0:
-                hit = self.kv.match_prefix(req.table, req.token_ids)
+                hit = self.kv.match_prefix(req.table, req.cache_keys)
                 req.num_computed = hit
                 if req.stats.preemptions == 0:
                     req.stats.cached_prompt_tokens = min(hit, req.num_prompt)

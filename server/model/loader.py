@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from server.model.config import ModelConfig
 from server.model.model import DecoderModel, LoraDelta
+from server.model.vision import vlm_checkpoint_name_to_param, vlm_param_to_checkpoint_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
 
 def checkpoint_name_to_param(name: str, config: ModelConfig) -> str | None:
     """Map a checkpoint tensor name to our parameter name (None = ignore the tensor)."""
+    if config.vision is not None:
+        return vlm_checkpoint_name_to_param(name, config)
     if name.endswith("rotary_emb.inv_freq"):
         return None
     if config.tie_word_embeddings and name in ("lm_head.weight", "diffusion_head.weight"):
@@ -70,6 +73,8 @@ def checkpoint_name_to_param(name: str, config: ModelConfig) -> str | None:
 
 
 def param_to_checkpoint_name(param: str, config: ModelConfig) -> str:
+    if config.vision is not None:
+        return vlm_param_to_checkpoint_name(param, config)
     if param == "head.weight":
         return "diffusion_head.weight" if config.is_diffusion else "lm_head.weight"
     return config.weight_prefix + param

@@ -7,6 +7,9 @@ business, so the same module serves the paged engine, training and the dense tes
 
 Shapes: tokens may be flat ``[T]`` (the engine's ragged batch) or batched ``[B, T]``
 (training); ``positions`` has the same shape as ``input_ids``.
+
+Vision-language checkpoints also carry ``vision`` (``server.model.vision.VisionEncoder``);
+its features replace the embeddings of image placeholder rows (``ImageFeatures``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from kernels import ops as kernel_ops
 from server.model.config import ModelConfig
 from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, llama4_query_scale
+from server.model.vision import VisionEncoder
 
 
 class RopeTables(NamedTuple):
@@ -28,6 +32,13 @@ class RopeTables(NamedTuple):
     sin_q: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+
+
+class ImageFeatures(NamedTuple):
+    """Embedding overrides: flat row ``rows[i]`` of the token embeddings becomes ``features[i]``."""
+
+    rows: torch.Tensor  # [N] int64, indices into the flattened token list
+    features: torch.Tensor  # [N, hidden]
 
 
 class AttentionContext(Protocol):
@@ -145,6 +156,7 @@ class DecoderModel(nn.Module):
         if config.tie_word_embeddings:
             self.head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.vision = VisionEncoder(config.vision) if config.vision is not None else None
         # set by fuse_projections(): residual adds fused into the RMSNorm kernels
         self.fused_kernels = False
 
@@ -158,11 +170,16 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         ctx: AttentionContext,
         lora_rows: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the last norm), shape ``[..., T, hidden]``.
-        ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter."""
+        ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter;
+        ``image_features`` replaces the embeddings of image placeholder rows."""
         rope = self.rope_tables(positions)
         x = self.embed_tokens(input_ids)
+        if image_features is not None:
+            flat = x.reshape(-1, x.shape[-1]).index_copy(0, image_features.rows, image_features.features.to(x.dtype))
+            x = flat.view(x.shape)
         if self.fused_kernels:
             residual = None
             for layer in self.layers:

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from server.engine.images import clamp_chunk
 from server.engine.kv_cache import KVCacheManager
 from server.engine.outputs import RequestStats
 from server.engine.params import ModeParams, ParamError, ResolveContext
@@ -103,11 +104,12 @@ def mode_state(req: Request, cls: type[ModeState]) -> Any:
 
 def prefill_work(req: Request, budget: int, target: int, want_logits: bool, kind: WorkKind) -> Work | None:
     """A causal, KV-writing chunk of ``req.token_ids[num_computed:target]`` within ``budget``.
-    Logits of the last row are requested only when the chunk reaches ``target``."""
+    Logits of the last row are requested only when the chunk reaches ``target``. A chunk
+    never ends inside an image (None when the image does not fit in ``budget``)."""
     assert kind.writes_kv and kind.attention == "causal"
     remaining = target - req.num_computed
     assert remaining > 0
-    n = min(remaining, budget)
+    n = clamp_chunk(req.images, req.num_computed, min(remaining, budget))
     if n <= 0:
         return None
     tokens = req.token_ids[req.num_computed : req.num_computed + n]
