@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         from tests.fixtures.smollm2 import smollm2_dir
 
         args.model = str(smollm2_dir())
+    # a SIGTERM (e.g. from `timeout`) unwinds through the finally blocks that stop the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     vllm_py = ensure_vllm(Path(args.vllm_venv)) if "vllm" in servers else None
     out = Path(args.out or REPO / "runs" / f"vs-vllm-{time.strftime('%Y%m%d-%H%M%S')}")
