@@ -34,7 +34,7 @@ case "$mode" in
       server/default_model/special_tokens_map.json "$RUN/prep/tokenizer/"
     "$PY" -m training.train --out "$RUN/prep" --prepare-only
     nice -n 5 "$PY" -m training.distill --model server/default_model --data "$RUN/prep/data.npz" --out "$RUN" \
-      --rows 1200 --heldout-rows 64 --minutes 45 --threads 1 --traj-rows 12 --real-rows 6 --lr 4e-4 --ar-weight 8 \
+      --rows 1200 --heldout-rows 64 --minutes 45 --threads 1 --traj-rows 12 --real-rows 6 --lr 2.5e-4 --ar-weight 16 \
       --warmup-steps 20 --eval-minutes 6 --ckpt-minutes 4
     "$PY" benchmarks/decoding_sweep.py sweep --model "$RUN/final" --write-defaults --out "$RUN/sweep.md"
     ;;

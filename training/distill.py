@@ -432,6 +432,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         noise_gen.set_state(state["noise_gen"])
         block_rng.setstate(state["block_rng"])
         print(f"resumed at step {step} ({train_seconds:.0f} s of training done)", flush=True)
+        if (out / "log.jsonl").is_file():  # rows logged after the checkpoint describe lost work
+            kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
     (out / "run.json").write_text(json.dumps({"args": vars(args)}, indent=2) + "\n")
 
     heldout_x = eval_windows(data.heldout, args.seq_len, args.eval_windows)

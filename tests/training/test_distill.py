@@ -136,7 +136,11 @@ def test_distillation_resumes_where_it_stopped(tiny_run: tuple[Path, Path], tmp_
     stopped = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12", "--stop-at-step", "6"))
     assert stopped["stopped"] and not (tmp_path / "b" / "final").exists()
     assert torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=False)["step"] == 6
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed after logging past the checkpoint
+        f.write(json.dumps({"kind": "train", "step": 8}) + "\n")
     resumed = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12"))
     assert resumed["steps"] == 12
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [5, 10, 12]
     for key in ("ar_ce", "draft_ce"):
         assert resumed["final_eval"][key] == pytest.approx(straight["final_eval"][key], rel=1e-5)
