@@ -14,8 +14,10 @@ openings. All decoding is greedy (temperature 0), ``ignore_eos``, ``--max-tokens
   model's own AR perplexity of the output against AR output's. ``--write-defaults`` writes
   the chosen settings into the model's ``generation_config.json`` under ``nld_decoding``.
   Selection rule: diffusion = the highest TPF among settings with agreement >= 0.9 and
-  output perplexity within 10% of AR's (if none qualifies: the highest agreement); self_spec
-  = the draft length with the highest TPF (its output is AR greedy whatever the length).
+  output perplexity within 10% of AR's; if none qualifies, the highest TPF among settings
+  whose output perplexity is within 10% of AR's; if none, the lowest output perplexity.
+  self_spec = the draft length with the highest TPF (its output is AR greedy whatever the
+  length; ties go to the shorter draft, which costs less per pass).
 * ``compare``: per model, every mode at the model's ``nld_decoding`` settings (or the
   engine defaults when absent): TPF, acceptance, agreement, output perplexity, and wall-clock
   output tokens/s at batch 1 (one request at a time) and batch 8, all in one run; with
@@ -98,8 +100,12 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def choose(diffusion_rows: list[dict[str, Any]], spec_rows: list[dict[str, Any]], ar_ppl: float) -> dict[str, dict[str, Any]]:
     """The selection rule of the module docstring."""
-    ok = [r for r in diffusion_rows if r["agreement"] >= 0.9 and r["ppl"] <= 1.1 * ar_ppl]
-    best = max(ok, key=lambda r: (r["tpf"], r["agreement"])) if ok else max(diffusion_rows, key=lambda r: (r["agreement"], r["tpf"]))
+    close = [r for r in diffusion_rows if r["ppl"] <= 1.1 * ar_ppl]
+    agreeing = [r for r in close if r["agreement"] >= 0.9]
+    if agreeing or close:
+        best = max(agreeing or close, key=lambda r: (r["tpf"], r["agreement"]))
+    else:
+        best = min(diffusion_rows, key=lambda r: (r["ppl"], -r["tpf"]))
     spec = max(spec_rows, key=lambda r: (round(r["tpf"], 3), -r["draft_length"]))
     return {"diffusion": {"block_length": best["block_length"], "threshold": best["threshold"]},
             "self_spec": {"draft_length": spec["draft_length"], "block_length": spec["draft_length"] + 1}}

@@ -144,3 +144,20 @@ def test_distillation_resumes_where_it_stopped(tiny_run: tuple[Path, Path], tmp_
     assert [r["step"] for r in logged if r["kind"] == "train"] == [5, 10, 12]
     for key in ("ar_ce", "draft_ce"):
         assert resumed["final_eval"][key] == pytest.approx(straight["final_eval"][key], rel=1e-5)
+
+
+def test_decoding_defaults_selection_rule() -> None:
+    """benchmarks/decoding_sweep.py: the fastest diffusion setting that agrees with AR and
+    keeps its perplexity; else the fastest that keeps its perplexity; else the best text."""
+    from benchmarks.decoding_sweep import choose
+
+    def row(block: int, threshold: float, tpf: float, agreement: float, ppl: float) -> dict:
+        return {"block_length": block, "threshold": threshold, "tpf": tpf, "agreement": agreement, "ppl": ppl}
+
+    spec = [{"draft_length": 3, "tpf": 1.5}, {"draft_length": 7, "tpf": 2.0}, {"draft_length": 15, "tpf": 2.0}]
+    rows = [row(4, 0.9, 1.5, 0.95, 4.0), row(8, 0.9, 2.5, 0.92, 4.3), row(8, 0.5, 3.5, 0.5, 4.3), row(16, 0.5, 5.0, 0.3, 9.0)]
+    chosen = choose(rows, spec, ar_ppl=4.0)
+    assert chosen["diffusion"] == {"block_length": 8, "threshold": 0.9}
+    assert chosen["self_spec"] == {"draft_length": 7, "block_length": 8}  # ties go to the shorter draft
+    assert choose(rows[2:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 8, "threshold": 0.5}
+    assert choose(rows[3:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 16, "threshold": 0.5}
