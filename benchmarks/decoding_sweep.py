@@ -122,15 +122,15 @@ def sweep(args: argparse.Namespace) -> str:
              "| mode | block | threshold / draft | TPF | acceptance length | agreement with AR | AR ppl of output |",
              "|---|---|---|---|---|---|---|"]
     diffusion_rows, spec_rows = [], []
-    for block in DIFFUSION_BLOCKS:
-        for threshold in THRESHOLDS:
+    for block in args.blocks:
+        for threshold in args.thresholds:
             r = run(engine, prompts, args.max_tokens, len(prompts), mode="diffusion", block_length=block, threshold=threshold)
             row = {"block_length": block, "threshold": threshold, "tpf": r["tpf"], "agreement": agreement(r["outputs"], ar["outputs"]),
                    "ppl": output_ppl(engine, prompts, r["outputs"])}
             diffusion_rows.append(row)
             lines.append(f"| diffusion | {block} | {threshold} | {row['tpf']:.2f} | - | {row['agreement']:.3f} | {row['ppl']:.2f} |")
             print(lines[-1], flush=True)
-    for draft in DRAFT_LENGTHS:
+    for draft in args.drafts:
         r = run(engine, prompts, args.max_tokens, len(prompts), mode="self_spec", draft_length=draft)
         assert r["outputs"] == ar["outputs"], "self_spec at temperature 0 must equal AR greedy"
         spec_rows.append({"draft_length": draft, "tpf": r["tpf"], "accept_len": r["accept_len"]})
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sweep")
     s.add_argument("--model", default=str(REPO / "server" / "default_model"))
     s.add_argument("--write-defaults", action="store_true")
+    s.add_argument("--blocks", type=int, nargs="+", default=list(DIFFUSION_BLOCKS), help="diffusion block lengths")
+    s.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="diffusion unmasking thresholds")
+    s.add_argument("--drafts", type=int, nargs="+", default=list(DRAFT_LENGTHS), help="self_spec draft lengths")
     c = sub.add_parser("compare")
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--data", default=None, help="data.npz of training.train (held-out perplexity on real text)")
