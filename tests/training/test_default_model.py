@@ -25,9 +25,14 @@ def test_default_model_files_and_config() -> None:
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
     assert cfg["architectures"] == ["NemotronLabsDiffusionModel"]
     assert (cfg["mask_token_id"], cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (MASK_ID, BOS_ID, EOS_ID, PAD_ID)
-    assert cfg["block_size"] in (16, 32) and cfg["rope_parameters"]["rope_type"] == "yarn"
+    assert cfg["rope_parameters"]["rope_type"] == "yarn"
     gen = json.loads((MODEL_DIR / "generation_config.json").read_text())
     assert (gen["eos_token_id"], gen["bos_token_id"], gen["pad_token_id"]) == (EOS_ID, BOS_ID, PAD_ID)
+    # decoding defaults chosen by benchmarks/decoding_sweep.py; config block_size is the diffusion block
+    decoding = gen["nld_decoding"]
+    assert cfg["block_size"] == decoding["diffusion"]["block_length"] in cfg["training_block_sizes"]
+    assert 0.0 < decoding["diffusion"]["threshold"] <= 1.0
+    assert decoding["self_spec"]["block_length"] == decoding["self_spec"]["draft_length"] + 1
 
 
 def test_default_model_loads_and_predicts_english() -> None:

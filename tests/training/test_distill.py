@@ -1,0 +1,163 @@
+"""Self-distillation (training/distill.py): inference-like noise, greedy trajectories checked
+against a dense forward, and the whole stage end to end on a tiny slice (generation, a few
+steps, export) with its loss falling, the export serving every mode, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from server.model.loader import load_model
+from server.model.model import DenseAttention
+from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from training.data import TokenData
+from training.distill import (KIND_CHAT, KIND_SAMPLED, distill, distill_noise, generate_trajectories, make_prompts,
+                              parse_args, teacher_engine)
+from training.objective import causal_mask
+from training.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
+
+MASK = 300  # tiny_nld_config's mask id
+
+
+def _token_data(seed: int = 0) -> TokenData:
+    rng = np.random.default_rng(seed)
+    train = rng.integers(7, MASK, 6000).astype(np.uint16)
+    heldout = rng.integers(7, MASK, 3000).astype(np.uint16)
+    chat, starts = [], []
+    for _ in range(60):
+        starts.append(len(chat))
+        chat += [BOS_ID, USER_ID, *rng.integers(7, MASK, int(rng.integers(4, 12))).tolist(), ASSISTANT_ID,
+                 *rng.integers(7, MASK, 30).tolist(), EOS_ID]
+    return TokenData(train, np.asarray(chat, dtype=np.uint16), np.asarray(starts, dtype=np.int64), heldout)
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
+    model_dir = write_random_checkpoint(tmp_path / "model", tiny_nld_config(block_size=8), seed=3)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS_ID}) + "\n")
+    data = tmp_path / "data.npz"
+    _token_data().save(data)
+    return model_dir, data
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--rows", "24", "--heldout-rows", "6",
+                       "--seq-len", "32", "--block-sizes", "4", "8", "--traj-rows", "8", "--real-rows", "4", "--lr", "3e-3",
+                       "--warmup-steps", "2", "--log-every", "5", "--eval-minutes", "1000", "--eval-windows", "4",
+                       "--eval-prompts", "3", "--eval-prompt-len", "10", "--eval-new-tokens", "16", "--eval-block", "4",
+                       "--gen-batch", "16", *extra])
+
+
+def test_distill_noise_is_inference_like() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(4, 200, (64, 32))
+    target_start = torch.randint(1, 30, (64,))
+    for block, draft_prob in ((4, 0.5), (8, 0.5), (8, 1.0), (16, 0.0)):
+        n = distill_noise(x0, target_start, block, MASK, draft_prob, gen)
+        assert torch.equal(n.noisy, torch.where(n.masked, torch.full_like(x0, MASK), x0))
+        for r in range(64):
+            for b in range(32 // block):
+                lo = b * block
+                blk = n.masked[r, lo : lo + block]
+                if lo < int(target_start[r]) - 1:
+                    assert not blk.any()  # a block holding prompt tokens as targets is never noised
+                    continue
+                assert not blk[0]  # the seed stays clean
+                assert blk[1:].any()  # at least one target per block
+                if draft_prob == 1.0:
+                    assert blk[1:].all()  # the [seed, MASK x (B-1)] draft layout
+        if draft_prob == 0.5:  # both layouts occur
+            full = n.masked.view(64, -1, block)[..., 1:].all(-1)
+            partial = n.masked.view(64, -1, block)[..., 1:].any(-1) & ~full
+            assert full.any() and partial.any()
+
+
+def test_trajectories_are_the_teachers_greedy_continuations(tiny_run: tuple[Path, Path]) -> None:
+    model_dir, data_path = tiny_run
+    data = TokenData.load(data_path)
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    prompts = make_prompts(data, 12, 32, seed=1, sampled_frac=0.3, chat_frac=0.3)
+    assert {k for _, k, _ in prompts} >= {KIND_SAMPLED, KIND_CHAT}
+    for p, kind, _ in prompts:
+        if kind == KIND_CHAT:
+            assert p[-1] == ASSISTANT_ID and p[0] == BOS_ID
+    traj = generate_trajectories(teacher_engine(model, str(model_dir), 32), prompts, 32, seed=1)
+    assert traj.tokens.shape == (12, 32)
+    with torch.no_grad():
+        for row, start, (p, kind, n_sampled) in zip(traj.tokens, traj.target_start, prompts):
+            assert list(row[: len(p)]) == p and start == len(p) + n_sampled
+            x = torch.from_numpy(row)[None]
+            logits = model.compute_logits(model(x, torch.arange(32)[None], DenseAttention(causal_mask(32))))[0]
+            logits[:, MASK] = float("-inf")
+            # every token from target_start on is the argmax of the dense causal forward
+            assert torch.equal(logits[start - 1 : -1].argmax(-1), x[0, start:])
+
+
+def test_distillation_end_to_end_on_a_tiny_slice(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data = tiny_run
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    summary = distill(_args(model_dir, data, out, "--max-steps", "40"))
+    info = json.loads((out / "trajectories.json").read_text())
+    assert info["rows"] == 24 and sum(info["kinds"].values()) == 24
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(5, 41, 5)) and [r["step"] for r in evals] == [0, 40]
+    assert np.mean([r["distill_ce"] for r in train[-2:]]) < np.mean([r["distill_ce"] for r in train[:2]]) - 0.5
+    assert all(r["self_spec_equals_ar"] for r in evals)
+    assert (out / "curves.png").stat().st_size > 0
+    assert summary["steps"] == 40
+
+    # the export loads and serves every mode; self_spec at temperature 0 is AR greedy
+    final = out / "final"
+    assert json.loads((final / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    engine = LLMEngine(load_model(final, progress=False), EngineConfig(model=str(final), max_model_len=128, kv_cache_tokens=2048))
+    prompts = [[BOS_ID, 17, 29, 41], [BOS_ID, 99, 12]]
+    outs = {}
+    for mode in ("ar", "diffusion", "self_spec"):
+        params = RequestParams(SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), DecodeParams(mode=mode))
+        outs[mode] = [o["token_ids"] for o in engine.generate(prompts, params)]
+        assert all(len(o) == 20 for o in outs[mode])
+    assert outs["self_spec"] == outs["ar"]
+
+
+def test_distillation_resumes_where_it_stopped(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Stopping at a checkpoint and running again reproduces the uninterrupted run."""
+    model_dir, data = tiny_run
+    straight = distill(_args(model_dir, data, tmp_path / "a", "--max-steps", "12"))
+    stopped = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12", "--stop-at-step", "6"))
+    assert stopped["stopped"] and not (tmp_path / "b" / "final").exists()
+    assert torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=False)["step"] == 6
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed after logging past the checkpoint
+        f.write(json.dumps({"kind": "train", "step": 8}) + "\n")
+    resumed = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12"))
+    assert resumed["steps"] == 12
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [5, 10, 12]
+    for key in ("ar_ce", "draft_ce"):
+        assert resumed["final_eval"][key] == pytest.approx(straight["final_eval"][key], rel=1e-5)
+
+
+def test_decoding_defaults_selection_rule() -> None:
+    """benchmarks/decoding_sweep.py: the fastest diffusion setting that agrees with AR and
+    keeps its perplexity; else the fastest that keeps its perplexity; else the best text."""
+    from benchmarks.decoding_sweep import choose
+
+    def row(block: int, threshold: float, tpf: float, agreement: float, ppl: float) -> dict:
+        return {"block_length": block, "threshold": threshold, "tpf": tpf, "agreement": agreement, "ppl": ppl}
+
+    spec = [{"draft_length": 3, "tpf": 1.5}, {"draft_length": 7, "tpf": 2.0}, {"draft_length": 15, "tpf": 2.0}]
+    rows = [row(4, 0.9, 1.5, 0.95, 4.0), row(8, 0.9, 2.5, 0.92, 4.3), row(8, 0.5, 3.5, 0.5, 4.3), row(16, 0.5, 5.0, 0.3, 9.0)]
+    chosen = choose(rows, spec, ar_ppl=4.0)
+    assert chosen["diffusion"] == {"block_length": 8, "threshold": 0.9}
+    assert chosen["self_spec"] == {"draft_length": 7, "block_length": 8}  # ties go to the shorter draft
+    assert choose(rows[2:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 8, "threshold": 0.5}
+    assert choose(rows[3:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 16, "threshold": 0.5}
