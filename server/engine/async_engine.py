@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from server.engine.client import EngineDeadError
 from server.engine.engine import LLMEngine
@@ -207,12 +207,16 @@ class AsyncEngine:
         if self._on_fatal is not None:
             self._on_fatal(reason)
 
-    def _fail_pending_commands(self) -> None:
+    def _pending_commands(self) -> Iterator[tuple[str, Any]]:
+        """Take the queued commands, oldest first, until the queue is empty."""
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _fail_pending_commands(self) -> None:
+        for kind, payload in self._pending_commands():
             if kind == "add":
                 try:
                     payload[-1].set_exception(EngineDeadError(self.failure or "the engine is not running"))
@@ -220,11 +224,7 @@ class AsyncEngine:
                     pass
 
     def _drain_commands(self, engine: LLMEngine) -> None:
-        while True:
-            try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload in self._pending_commands():
             if kind == "add":
                 request_id, prompt, params, images, fut = payload
                 try:
