@@ -10,7 +10,7 @@ from pathlib import Path
 
 from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.modes import mode_names
-from server.engine.params import POLICIES
+from server.engine.params import POLICIES, SPEC_VARIANTS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,7 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--policy", default=None, choices=POLICIES)
     p.add_argument("--draft-length", type=int, default=None)
+    p.add_argument("--variant", default=None, choices=SPEC_VARIANTS, help="self_spec: linear or quadratic")
     args = p.parse_args(argv)
     try:
         engine = LLMEngine.from_pretrained(engine_config(args))
@@ -85,6 +86,7 @@ def cmd_generate(argv: list[str]) -> int:
                 threshold=args.threshold,
                 policy=args.policy,
                 draft_length=args.draft_length,
+                variant=args.variant,
             ),
         )
         out = engine.generate([ids], params)[0]

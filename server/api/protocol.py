@@ -87,6 +87,7 @@ class _GenerationRequest(_RequestModel):
     threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="diffusion: unmasking confidence threshold")
     policy: Optional[PolicyName] = Field(None, description="diffusion: unmasking policy")
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
+    variant: Optional[str] = Field(None, description="self_spec: linear (draft + verify) or quadratic (one pass per cycle)")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
 

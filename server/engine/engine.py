@@ -100,7 +100,8 @@ class LLMEngine:
             self.device,
             next(model.parameters()).dtype,
             max_pages_per_seq=-(-self.max_model_len // config.page_size),
-            graph_query_lens=(1, mc.block_size) if graphs else (),
+            # AR decode; block passes; a quadratic self_spec cycle at the default draft length
+            graph_query_lens=(1, mc.block_size, mc.block_size * (mc.block_size + 1)) if graphs else (),
             graph_batch_sizes=buckets if graphs else (),
         )
         self.scheduler.on_preempt = lambda req: self.metrics.on_preemption(req.params.decode.mode)
