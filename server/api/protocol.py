@@ -137,6 +137,7 @@ class UsageInfo(_ResponseModel):
     total_tokens: int
     forward_passes: Optional[int] = None
     forward_passes_by_kind: Optional[dict[str, int]] = None
+    forward_passes_by_decoder: Optional[dict[str, dict[str, int]]] = None  # decoder -> kind -> passes
     tokens_per_forward: Optional[float] = None
     mean_acceptance_length: Optional[float] = Field(None, description="self_spec only")
 

@@ -187,3 +187,4 @@ class ResolveContext:
     mask_token_id: int | None  # None: not a diffusion checkpoint (only causal modes run)
     server_defaults: dict[str, Any] = field(default_factory=dict)
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cost_model: Any = None  # the engine's CostModel (server.engine.cost_model), read by "auto"

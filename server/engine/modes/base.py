@@ -75,6 +75,10 @@ class DecodeMode:
     def after_pass(self, req: Request, work: Work, kv: KVCacheManager) -> None:
         """Adjust the request's cache after ``apply`` (e.g. drop rejected slots)."""
 
+    def pass_label(self, req: Request, work: Work) -> str:
+        """The decoder that ran ``work`` (per-pass statistics; ``auto`` names its choice)."""
+        return self.name
+
     def reset(self, req: Request) -> None:
         """Forget in-flight state (the request was preempted; its cache is gone)."""
         req.mode_state = None

@@ -103,8 +103,15 @@ class SelfSpeculativeMode(DecodeMode):
     def _state(req: Request) -> SpecState:
         return mode_state(req, SpecState)
 
+    def spec_params(self, req: Request) -> SelfSpecParams:
+        """The knobs this request's cycles run with (``auto`` overrides it per cycle)."""
+        return _params(req.params.decode)
+
+    def pass_label(self, req: Request, work: Work) -> str:
+        return f"self_spec_{self.spec_params(req).variant}"
+
     def _draft_length(self, req: Request) -> int:
-        d = _params(req.params.decode).draft_length
+        d = self.spec_params(req).draft_length
         return max(1, min(d, req.remaining_tokens, req.max_model_len - req.num_computed - 1))
 
     def next_work(self, req: Request, budget: int) -> Work | None:
@@ -114,20 +121,20 @@ class SelfSpeculativeMode(DecodeMode):
         if req.num_computed < target:
             return prefill_work(req, budget, target, want_logits=not has_seed, kind=PREFILL)
         seed = req.token_ids[-1]
-        if _params(req.params.decode).variant == "quadratic":
+        if self.spec_params(req).variant == "quadratic":
             return self._cycle_work(req, st, seed, budget)
         if st.drafts is None:
             d = self._draft_length(req)
             if d + 1 > budget:
                 return None
-            mask = _params(req.params.decode).mask_token_id
+            mask = self.spec_params(req).mask_token_id
             return Work(DRAFT, [seed] + [mask] * d, logit_rows=list(range(1, d + 1)), lora=True)
         if len(st.drafts) + 1 > budget:
             return None
         return Work(VERIFY, [seed] + st.drafts, logit_rows=list(range(len(st.drafts) + 1)))
 
     def _cycle_work(self, req: Request, st: SpecState, seed: int, budget: int) -> Work | None:
-        p = _params(req.params.decode)
+        p = self.spec_params(req)
         room = max(0, req.max_model_len - 1 - req.num_computed)  # heads sit at L .. L + D
         drafts = (st.drafts or [])[:room]
         layout = quad.layout_for(req, p.draft_length, drafts)
@@ -145,7 +152,7 @@ class SelfSpeculativeMode(DecodeMode):
         assert st.drafts is not None and st.layout is not None
         drafts = st.drafts
         if req.params.sampling.greedy:
-            mask = torch.tensor([_params(req.params.decode).mask_token_id], device=head_logits.device)
+            mask = torch.tensor([self.spec_params(req).mask_token_id], device=head_logits.device)
             verifier = torch.argmax(head_logits.float().index_fill(1, mask, float("-inf")), dim=-1).tolist()
             accepted = 0
             while accepted < len(drafts) and verifier[accepted] == drafts[accepted]:
@@ -227,7 +234,7 @@ class SelfSpeculativeMode(DecodeMode):
         s = req.params.sampling
         n = logits.shape[0]
         dev = logits.device
-        mask = torch.tensor([_params(req.params.decode).mask_token_id], device=dev)
+        mask = torch.tensor([self.spec_params(req).mask_token_id], device=dev)
         allowed = logits.float().index_fill(1, mask, float("-inf"))
         return filtered_probs(
             allowed,
