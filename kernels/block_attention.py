@@ -177,7 +177,7 @@ def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, s
     if QUADRATIC:
         sub_block = tl.load(sub_block_ptr + seq)
     else:
-        sub_block = 0
+        sub_block = is_causal * 0  # a tensor like the loaded one; never read without QUADRATIC
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     rows = tl.arange(0, BLOCK_M)
