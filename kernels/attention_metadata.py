@@ -21,3 +21,6 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32
     causal: torch.Tensor  # [S] bool
     max_query_len: int | None = None
+    # [S] int32 or None: mask_block[s] = W > 0 gives segment s the quadratic self-speculation
+    # mask (sub-blocks of W rows, row 0 of each a head) instead of its causal flag
+    mask_block: torch.Tensor | None = None

@@ -8,7 +8,9 @@ Contract (``docs/design.md``, "The attention contract"):
   ``[num_pages, page_size, Hkv, D]`` through ``block_tables[s]``; its own keys are read from
   ``k``/``v``, never from the cache.
 * ``causal[s]``: query ``i`` sees the prefix and segment keys ``0..i``; otherwise the prefix
-  and the whole segment.
+  and the whole segment. ``mask_block[s] = W > 0`` (optional) replaces that rule with the
+  quadratic mask: sub-blocks of ``W`` rows, row 0 of each a head; heads see the heads up to
+  their own, other rows those heads plus their whole sub-block (computed from indices).
 
 Kernel layout:
 
@@ -102,13 +104,34 @@ def _attend_prefix(acc, l_i, m_i, q, lo, hi, bt_row_ptr, k_cache_ptr, v_cache_pt
 
 
 @triton.jit
-def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
+def _quadratic_visible(q_local, key, sub_block):
+    """[rows, keys] visibility of the quadratic mask: the segment is sub-blocks of
+    ``sub_block`` rows, row 0 of each a head. A key that is head j is seen by every row of
+    sub-blocks >= j; a non-head row also sees every row of its own sub-block."""
+    width = tl.maximum(sub_block, 1)
+    q_sub = q_local // width
+    k_sub = key // width
+    key_is_head = (key % width) == 0
+    row_is_head = (q_local % width) == 0
+    return ((key_is_head[None, :] & (k_sub[None, :] <= q_sub[:, None]))
+            | ((~row_is_head[:, None]) & (k_sub[None, :] == q_sub[:, None])))
+
+
+@triton.jit
+def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal, sub_block,
                     k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
                     qk_scale, offs_d, mask_d, BLOCK_Q: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The segment's own fresh keys read from k/v (causal rule applied here). Causal rows of
-    this query block see segment keys up to their own position: the loop stops there."""
-    seg_hi = tl.where(is_causal != 0, tl.minimum(q_len, (q_block + 1) * BLOCK_Q), q_len)
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    QUADRATIC: tl.constexpr):
+    """The segment's own fresh keys read from k/v (the mask rule applied here: causal /
+    bidirectional, or the quadratic mask when ``sub_block`` > 0). The loop stops after the
+    last key any row of this query block can see (causal: its own position; quadratic: the
+    end of its last row's sub-block)."""
+    rows_hi = tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    seg_hi = tl.where(is_causal != 0, rows_hi, q_len)
+    if QUADRATIC:
+        width = tl.maximum(sub_block, 1)
+        seg_hi = tl.where(sub_block > 0, tl.minimum(q_len, tl.cdiv(rows_hi, width) * width), seg_hi)
     for start in range(0, seg_hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
         in_range = key < q_len
@@ -121,19 +144,25 @@ def _attend_segment(acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causa
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
         visible = in_range[None, :] & ((key[None, :] <= q_local[:, None]) | (is_causal == 0))
+        if QUADRATIC:
+            visible = tl.where(sub_block > 0,
+                               in_range[None, :] & _quadratic_visible(q_local, key, sub_block),
+                               visible)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_tile, v_tile, visible,
                                              qk_scale, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh,
-                     num_splits,
+def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, sub_block_ptr,
+                     stride_qt, stride_qh, num_splits,
                      HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                     QUADRATIC: tl.constexpr):
     """The common start of both attention kernels. This program's (sequence, query block, KV
     head, prefix split) come from the grid ``(S, q_blocks, Hkv * num_splits)``; then the
-    segment's bounds, prefix length and causal flag; the rows of the GQA-packed query tile
+    segment's bounds, prefix length, causal flag and quadratic sub-block width (0 without
+    ``QUADRATIC``); the rows of the GQA-packed query tile
     (local token index, query head, validity, flat token, q values); and empty online-softmax
     state (acc, l, m). A program whose query block lies past the segment has no valid row
     (every load is masked); the caller exits on ``q_block * BLOCK_Q >= q_len``."""
@@ -145,6 +174,10 @@ def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, s
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     ctx_len = tl.load(context_lens_ptr + seq)
     is_causal = tl.load(causal_ptr + seq).to(tl.int32)
+    if QUADRATIC:
+        sub_block = tl.load(sub_block_ptr + seq)
+    else:
+        sub_block = is_causal * 0  # a tensor like the loaded one; never read without QUADRATIC
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     rows = tl.arange(0, BLOCK_M)
@@ -159,25 +192,25 @@ def _open_query_tile(q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, s
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    return (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal,
+    return (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal, sub_block,
             offs_d, mask_d, q_local, head, row_valid, tok, q, acc, l_i, m_i)
 
 
 @triton.jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr,
-    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr,
+    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr, sub_block_ptr,
     qk_scale, page_size,
     stride_ot, stride_oh, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch, stride_bt,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, QUADRATIC: tl.constexpr,
 ):
-    (seq, q_block, kv_head, _, q_start, q_len, ctx_len, is_causal, offs_d, mask_d, q_local, head,
-     row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
-        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh, 1,
-        HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST)
+    (seq, q_block, kv_head, _, q_start, q_len, ctx_len, is_causal, sub_block, offs_d, mask_d,
+     q_local, head, row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
+        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, sub_block_ptr, stride_qt,
+        stride_qh, 1, HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST, QUADRATIC)
     if q_block * BLOCK_Q >= q_len:
         return
 
@@ -188,9 +221,9 @@ def _paged_attention_kernel(
         qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
 
     acc, l_i, m_i = _attend_segment(
-        acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
+        acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal, sub_block,
         k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-        qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION)
+        qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION, QUADRATIC)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / l_safe[:, None]
@@ -201,20 +234,20 @@ def _paged_attention_kernel(
 @triton.jit
 def _paged_attention_split_kernel(
     part_out_ptr, part_lse_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr,
-    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr,
+    block_tables_ptr, context_lens_ptr, query_start_loc_ptr, causal_ptr, sub_block_ptr,
     qk_scale, page_size, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch, stride_bt,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, QUADRATIC: tl.constexpr,
 ):
     """Like ``_paged_attention_kernel``, for one of ``num_splits`` chunks of the prefix."""
-    (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal, offs_d, mask_d, q_local,
-     head, row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
-        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, stride_qt, stride_qh, num_splits,
-        HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST)
+    (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal, sub_block, offs_d, mask_d,
+     q_local, head, row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
+        q_ptr, query_start_loc_ptr, context_lens_ptr, causal_ptr, sub_block_ptr, stride_qt,
+        stride_qh, num_splits, HEAD_DIM, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D, UPCAST, QUADRATIC)
     if q_block * BLOCK_Q >= q_len:
         return
 
@@ -230,9 +263,9 @@ def _paged_attention_split_kernel(
 
     if split == num_splits - 1:
         acc, l_i, m_i = _attend_segment(
-            acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal,
+            acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal, sub_block,
             k_ptr, v_ptr, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-            qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION)
+            qk_scale, offs_d, mask_d, BLOCK_Q, BLOCK_N, UPCAST, DOT_PRECISION, QUADRATIC)
 
     has_keys = l_i > 0.0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -517,9 +550,13 @@ def block_attention(
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     causal_u8 = causal.view(torch.uint8)
     qk_scale = float(scale) * _LOG2E
+    quadratic = meta.mask_block is not None
     shapes = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
-                  BLOCK_D=plan.block_d, UPCAST=upcast, DOT_PRECISION=dot_precision)
-    metadata = (block_tables, context_lens, query_start_loc, causal_u8, qk_scale, page_size)
+                  BLOCK_D=plan.block_d, UPCAST=upcast, DOT_PRECISION=dot_precision,
+                  QUADRATIC=quadratic)
+    # without mask_block its pointer is never read (QUADRATIC is a compile-time False)
+    metadata = (block_tables, context_lens, query_start_loc, causal_u8,
+                meta.mask_block if quadratic else context_lens, qk_scale, page_size)
     fresh_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

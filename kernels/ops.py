@@ -129,6 +129,8 @@ def paged_attention(
 
     ``meta.max_query_len`` (host int, the largest segment length) sizes the Triton grid. If
     None it is computed from ``query_start_loc``, which costs a device->host sync on the GPU.
+    ``meta.mask_block`` (int32 [S], optional): a segment with ``mask_block[s] = W > 0`` uses the
+    quadratic mask with sub-blocks of ``W`` rows (docs/design.md) instead of ``causal[s]``.
     """
     block_tables, context_lens, query_start_loc, causal = (
         meta.block_tables, meta.context_lens, meta.query_start_loc, meta.causal)
@@ -154,6 +156,9 @@ def paged_attention(
     _check(causal.dtype == torch.bool, f"causal must be torch.bool, got {causal.dtype}")
     _check(causal.shape[0] == num_seqs,
            f"causal must have {num_seqs} entries ([S]), got {causal.shape[0]}")
+    if meta.mask_block is not None:
+        _check_int_vector("mask_block", meta.mask_block, num_seqs, (torch.int32,), "[S]")
+        _check_same_device(q.device, mask_block=meta.mask_block)
     _check_rank("block_tables", block_tables, 2, "[S, max_pages]")
     _check(block_tables.dtype == torch.int32,
            f"block_tables must be torch.int32, got {block_tables.dtype}")

@@ -10,7 +10,8 @@ The functions here follow the attention contract of ``docs/design.md`` exactly:
 * Segment ``s`` is rows ``query_start_loc[s]:query_start_loc[s + 1]``; it sits at positions
   ``context_lens[s] ..``; its own keys come from ``k``/``v`` (never from the cache).
 * ``causal[s]``: query ``i`` sees the whole prefix plus segment keys ``0..i``; otherwise it sees
-  the whole prefix plus the whole segment.
+  the whole prefix plus the whole segment. ``mask_block[s] = W > 0`` (optional) replaces that
+  rule by the quadratic mask (``segment_mask``).
 
 Scores, softmax and the weighted sum are computed in fp32; the output has ``q``'s dtype.
 The integer metadata is read on the host (``.tolist()``), which is fine on the CPU path.
@@ -43,6 +44,24 @@ def _gather_prefix(cache: torch.Tensor, pages: torch.Tensor, length: int) -> tor
     return dense.reshape(num_pages * page_size, cache.shape[2], cache.shape[3])[:length]
 
 
+def segment_mask(q_len: int, causal: bool, sub_block: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, q_len]`` bool: which of its segment's keys each query row sees.
+
+    ``sub_block = W > 0``: the quadratic mask. The segment is sub-blocks of ``W`` rows, row 0
+    of each a head: a head key of sub-block ``j`` is seen by every row of sub-blocks ``>= j``,
+    and a non-head row also sees every row of its own sub-block. Otherwise causal (row ``i``
+    sees keys ``0..i``) or bidirectional (every key)."""
+    idx = torch.arange(q_len, device=device)
+    if sub_block > 0:
+        sub, is_head = idx // sub_block, idx % sub_block == 0
+        sees_head = is_head[None, :] & (sub[None, :] <= sub[:, None])
+        same_sub = ~is_head[:, None] & (sub[None, :] == sub[:, None])
+        return sees_head | same_sub
+    if causal:
+        return idx[None, :] <= idx[:, None]
+    return torch.ones((q_len, q_len), dtype=torch.bool, device=device)
+
+
 def paged_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     meta: AttentionMetadata, scale: float,
@@ -61,9 +80,12 @@ def paged_attention_reference(
     starts = meta.query_start_loc.tolist()
     ctx_lens = meta.context_lens.tolist()
     is_causal = meta.causal.tolist()
+    sub_blocks = meta.mask_block.tolist() if meta.mask_block is not None else [0] * len(ctx_lens)
     lens = {b - a for a, b in zip(starts, starts[1:])}
     if len(ctx_lens) > 1 and len(lens) == 1 and starts[-1] == num_tokens and 0 not in lens:
-        return _uniform_batch_attention(q, (k, v), (k_cache, v_cache), block_tables, (ctx_lens, is_causal), scale)
+        return _uniform_batch_attention(
+            q, (k, v), (k_cache, v_cache), block_tables, (ctx_lens, is_causal, sub_blocks), scale
+        )
     for s, ctx in enumerate(ctx_lens):
         start, end = starts[s], starts[s + 1]
         q_len = end - start
@@ -72,7 +94,6 @@ def paged_attention_reference(
         pages = block_tables[s]
         keys = torch.cat([_gather_prefix(k_cache, pages, ctx), k[start:end]]).float()
         values = torch.cat([_gather_prefix(v_cache, pages, ctx), v[start:end]]).float()
-        n_keys = keys.shape[0]
 
         # [L, Hkv, G, D] -> [Hkv, G*L, D] so one batched matmul serves every query head of a
         # KV head (row index = g * L + i).
@@ -80,11 +101,10 @@ def paged_attention_reference(
         qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
         scores = torch.matmul(qs, keys.permute(1, 2, 0)) * scale  # [Hkv, G*L, N]
 
-        if is_causal[s]:
-            # absolute positions of the queries and keys
-            query_pos = torch.arange(q_len, device=q.device).unsqueeze(1) + ctx
-            key_pos = torch.arange(n_keys, device=q.device).unsqueeze(0)
-            visible = (key_pos <= query_pos).repeat(group, 1)  # [G*L, N]
+        if is_causal[s] or sub_blocks[s] > 0:
+            prefix = torch.ones((q_len, ctx), dtype=torch.bool, device=q.device)
+            own = segment_mask(q_len, is_causal[s], sub_blocks[s], q.device)
+            visible = torch.cat([prefix, own], dim=1).repeat(group, 1)  # [G*L, N]
             scores = scores.masked_fill(~visible, float("-inf"))
 
         probs = torch.softmax(scores, dim=-1)
@@ -99,14 +119,15 @@ def _uniform_batch_attention(
     fresh: tuple[torch.Tensor, torch.Tensor],
     cache: tuple[torch.Tensor, torch.Tensor],
     block_tables: torch.Tensor,
-    segments: tuple[list[int], list[bool]],
+    segments: tuple[list[int], list[bool], list[int]],
     scale: float,
 ) -> torch.Tensor:
     """The same attention for a batch whose segments all have one length (e.g. all decode
     rows): every sequence's prefix is gathered at once, padded to the longest, and one
     masked batched attention replaces the per-sequence loop. ``fresh`` = (k, v), ``cache`` =
-    (k_cache, v_cache), ``segments`` = (context lengths, causal flags) as host lists."""
-    (k, v), (k_cache, v_cache), (ctx_lens, is_causal) = fresh, cache, segments
+    (k_cache, v_cache), ``segments`` = (context lengths, causal flags, quadratic sub-block
+    widths) as host lists."""
+    (k, v), (k_cache, v_cache), (ctx_lens, is_causal, sub_blocks) = fresh, cache, segments
     num_seqs = len(ctx_lens)
     q_len = q.shape[0] // num_seqs
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -120,21 +141,20 @@ def _uniform_batch_attention(
     fresh_v = v.view(num_seqs, q_len, num_kv_heads, head_dim)
     prefix_k = k_cache[pages].reshape(num_seqs, num_pages * page_size, num_kv_heads, head_dim)[:, :max_ctx]
     prefix_v = v_cache[pages].reshape(num_seqs, num_pages * page_size, num_kv_heads, head_dim)[:, :max_ctx]
+    # padded prefix slots (past a shorter sequence's prefix) may hold anything: zero them
+    dev = q.device
+    in_prefix = torch.arange(max_ctx, device=dev)[None, :] < torch.tensor(ctx_lens, device=dev)[:, None]
+    prefix_k = prefix_k.masked_fill(~in_prefix[:, :, None, None], 0)
+    prefix_v = prefix_v.masked_fill(~in_prefix[:, :, None, None], 0)
     keys = torch.cat([prefix_k, fresh_k], dim=1).float().permute(0, 2, 3, 1)  # [S, Hkv, D, N]
     values = torch.cat([prefix_v, fresh_v], dim=1).float().permute(0, 2, 1, 3)  # [S, Hkv, N, D]
     qs = q.float().view(num_seqs, q_len, num_kv_heads, group, head_dim)
     qs = qs.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * q_len, head_dim)
     scores = torch.matmul(qs, keys) * scale  # [S, Hkv, G*L, N]
 
-    dev = q.device
-    key_idx = torch.arange(max_ctx + q_len, device=dev)
-    ctx = torch.tensor(ctx_lens, device=dev)[:, None, None]
-    query_idx = torch.arange(q_len, device=dev)[None, :, None]
-    in_prefix = key_idx[None, None, :] < ctx  # padded prefix slots are invisible
-    seg = key_idx[None, None, :] - max_ctx  # index within the segment (negative: prefix area)
-    causal = torch.tensor(is_causal, device=dev)[:, None, None]
-    in_segment = (seg >= 0) & (~causal | (seg <= query_idx))
-    visible = (in_prefix | in_segment).repeat(1, group, 1)  # [S, G*L, N]
+    own = torch.stack([segment_mask(q_len, c, w, dev) for c, w in zip(is_causal, sub_blocks)])
+    visible = torch.cat([in_prefix[:, None, :].expand(num_seqs, q_len, max_ctx), own], dim=2)
+    visible = visible.repeat(1, group, 1)  # [S, G*L, N]
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [S, Hkv, G*L, D]

@@ -26,7 +26,7 @@ def parse_settings(parser: argparse.ArgumentParser, command: str, argv: list[str
 
 def generate_parser() -> argparse.ArgumentParser:
     from server.engine.modes import mode_names
-    from server.engine.params import POLICIES
+    from server.engine.params import POLICIES, SPEC_VARIANTS
 
     p = argparse.ArgumentParser(prog="python -m server generate", description="Generate offline and print JSON.")
     add_arguments(p, GENERATE)
@@ -44,6 +44,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, choices=POLICIES,
                    help="diffusion: which masked tokens to commit each pass")
     p.add_argument("--draft-length", type=int, default=None, help="self_spec: tokens drafted per cycle")
+    p.add_argument("--variant", default=None, choices=SPEC_VARIANTS, help="self_spec: linear or quadratic")
     return p
 
 
@@ -74,6 +75,7 @@ def cmd_generate(argv: list[str]) -> int:
                 threshold=args.threshold,
                 policy=args.policy,
                 draft_length=args.draft_length,
+                variant=args.variant,
             ),
         )
         out = engine.generate([ids], params)[0]

@@ -94,6 +94,11 @@ class Metrics:
             _name("forward_passes"),
             "Forward passes finished requests took part in, by kind "
             "(prefill/decode/denoise/commit/draft/verify).", req + ("kind",), registry=r)
+        self.passes_by_decoder = Counter(
+            _name("forward_passes_by_decoder"),
+            "Forward passes finished requests took part in, by the decoder that ran them "
+            "(ar, self_spec_linear, self_spec_quadratic; what mode=auto chose) and kind.",
+            req + ("decoder", "kind"), registry=r)
         self.request_success = Counter(
             _name("request_success"), "Finished requests by finish reason (stop/length/abort/error).",
             req + ("finished_reason",), registry=r)
@@ -193,6 +198,9 @@ class Metrics:
         for kind, n in stats.forward_passes.items():
             if n:
                 self.forward_passes.labels(kind=kind, **lab).inc(n)
+        for decoder, kinds in stats.passes_by_decoder.items():
+            for kind, n in kinds.items():
+                self.passes_by_decoder.labels(decoder=decoder, kind=kind, **lab).inc(n)
         self.request_success.labels(finished_reason=finish_reason, **lab).inc()
         if finish_reason == "abort":
             self.num_aborted_requests.labels(**lab).inc()

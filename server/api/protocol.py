@@ -135,6 +135,7 @@ class _GenerationRequest(_RequestModel):
     threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="diffusion: unmasking confidence threshold")
     policy: Optional[PolicyName] = Field(None, description="diffusion: unmasking policy")
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
+    variant: Optional[str] = Field(None, description="self_spec: linear (draft + verify) or quadratic (one pass per cycle)")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
     # --- logit controls (OpenAI's, and vLLM's repetition_penalty / min_tokens / stop_token_ids)
@@ -191,6 +192,7 @@ class UsageInfo(_ResponseModel):
     total_tokens: int
     forward_passes: Optional[int] = None
     forward_passes_by_kind: Optional[dict[str, int]] = None
+    forward_passes_by_decoder: Optional[dict[str, dict[str, int]]] = None  # decoder -> kind -> passes
     tokens_per_forward: Optional[float] = None
     mean_acceptance_length: Optional[float] = Field(None, description="self_spec only")
 

@@ -132,6 +132,7 @@ def build_options(
             threshold=request.threshold,
             policy=request.policy,
             draft_length=request.draft_length,
+            variant=request.variant,
         )
     except ParamError as exc:
         param = exc.param

@@ -35,6 +35,13 @@ def build_usage(
     passes = sum(by_kind.values())
     usage.forward_passes = passes
     usage.forward_passes_by_kind = by_kind
+    by_decoder: dict[str, dict[str, int]] = {}
+    for s in reported:
+        for decoder, kinds in s.passes_by_decoder.items():
+            row = by_decoder.setdefault(decoder, {})
+            for kind, count in kinds.items():
+                row[kind] = row.get(kind, 0) + int(count)
+    usage.forward_passes_by_decoder = by_decoder
     usage.tokens_per_forward = total_completion / passes if passes else 0.0
     for name, value in get_mode(mode).usage_extras(reported).items():
         setattr(usage, name, value)

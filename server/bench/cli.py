@@ -35,10 +35,16 @@ from server.bench.prompts import Prompt, attach_images, builtin_prompts, load_pr
 class RunSpec:
     mode: str | None
     refine_steps: int | None
+    variant: str | None = None  # self_spec: linear / quadratic
+    block_length: int | None = None
 
     @property
     def label(self) -> str:
         name = self.mode or "default"
+        if self.variant is not None:
+            name += f"/{self.variant}"
+        if self.block_length is not None:
+            name += f"/B={self.block_length}"
         return name if self.refine_steps is None else f"{name}/rs={self.refine_steps}"
 
     def fields(self) -> dict[str, Any]:
@@ -47,6 +53,10 @@ class RunSpec:
             f["mode"] = self.mode
         if self.refine_steps is not None:
             f["refine_steps"] = self.refine_steps
+        if self.variant is not None:
+            f["variant"] = self.variant
+        if self.block_length is not None:
+            f["block_length"] = self.block_length
         return f
 
 
@@ -132,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep the request field 'mode' (e.g. ar,diffusion,self_spec)")
     g.add_argument("--refine-steps", type=_csv(int), default=None, metavar="N1,N2",
                    help="sweep 'refine_steps' (every non-ar mode of the sweep)")
+    g.add_argument("--variants", type=_csv(str), default=None, metavar="V1,V2",
+                   help="sweep self_spec's 'variant' (linear,quadratic) for the self_spec runs")
+    g.add_argument("--block-lengths", type=_csv(int), default=None, metavar="B1,B2",
+                   help="sweep 'block_length' for the self_spec and diffusion runs")
     g.add_argument("--quality", choices=("auto", "on", "off"), default="auto",
                    help="agreement with temperature-0 AR output (auto: on when --refine-steps is given)")
     g.add_argument("--reference-body", type=_json_obj, default={"mode": "ar"}, metavar="JSON",
@@ -146,14 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_runs(modes: Sequence[str] | None, refine_steps: Sequence[int] | None) -> list[RunSpec]:
-    """modes x refine_steps; AR runs once (refine_steps does not apply to it)."""
+def plan_runs(
+    modes: Sequence[str] | None,
+    refine_steps: Sequence[int] | None,
+    variants: Sequence[str] | None = None,
+    block_lengths: Sequence[int] | None = None,
+) -> list[RunSpec]:
+    """modes x refine_steps x (self_spec) variants x (self_spec, diffusion) block_lengths;
+    ar and auto run once (none of these apply to them)."""
     runs: list[RunSpec] = []
     for mode in (modes or [None]):
-        if mode == "ar" or not refine_steps:
+        if mode in ("ar", "auto"):
             runs.append(RunSpec(mode, None))
-        else:
-            runs.extend(RunSpec(mode, r) for r in refine_steps)
+            continue
+        steps = list(refine_steps) if refine_steps else [None]
+        kinds = list(variants) if mode == "self_spec" and variants else [None]
+        blocks = list(block_lengths) if mode in ("self_spec", "diffusion") and block_lengths else [None]
+        for variant in kinds:
+            for block in blocks:
+                runs.extend(RunSpec(mode, r, variant, block) for r in steps)
     return runs
 
 
@@ -252,7 +277,7 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         a = self.args
-        specs = plan_runs(a.modes, a.refine_steps)
+        specs = plan_runs(a.modes, a.refine_steps, a.variants, a.block_lengths)
         quality = a.quality == "on" or (a.quality == "auto" and bool(a.refine_steps))
         limits = httpx.Limits(max_connections=max(a.max_concurrency or a.num_prompts, 16), max_keepalive_connections=64)
         timeout = httpx.Timeout(a.timeout, connect=min(30.0, a.timeout))
@@ -304,7 +329,8 @@ class Bench:
                 "num_prompts": a.num_prompts, "request_rate": None if math.isinf(a.request_rate) else a.request_rate,
                 "arrival": a.arrival, "max_concurrency": a.max_concurrency, "max_tokens": a.max_tokens,
                 "temperature": a.temperature, "ignore_eos": a.ignore_eos, "extra_body": a.extra_body,
-                "modes": a.modes, "refine_steps": a.refine_steps, "prompts_file": a.prompts_file,
+                "modes": a.modes, "refine_steps": a.refine_steps, "variants": a.variants,
+                "block_lengths": a.block_lengths, "prompts_file": a.prompts_file,
                 "num_distinct_prompts": len(set(self.sequence)), "seed": a.seed, "warmup": a.warmup,
                 "metrics_url": self.metrics_url,
                 "images_per_request": a.images, "image_size": a.image_size if a.images else None,

@@ -51,10 +51,14 @@ def tpf_from_usage(results: Sequence[RequestResult]) -> dict[str, Any] | None:
     tokens = 0.0
     passes = 0.0
     acc: list[float] = []
+    by_decoder: dict[str, float] = {}  # mode=auto: passes per decoder it chose
     for r in results:
         if not r.ok or not r.usage:
             continue
         u = r.usage
+        for decoder, kinds in (u.get("forward_passes_by_decoder") or {}).items():
+            if isinstance(kinds, dict):
+                by_decoder[decoder] = by_decoder.get(decoder, 0.0) + sum(_num(v) or 0.0 for v in kinds.values())
         tpf = _num(u.get("tokens_per_forward"))
         fp = _forward_passes(u)
         if tpf is None and fp:
@@ -74,6 +78,7 @@ def tpf_from_usage(results: Sequence[RequestResult]) -> dict[str, Any] | None:
         "tpf_mean": sum(per_req) / len(per_req) if per_req else None,  # mean of per-request TPF
         "tpf_weighted": tokens / passes if passes else None,  # all tokens / all forward passes
         "mean_acceptance_length": sum(acc) / len(acc) if acc else None,
+        "passes_by_decoder": by_decoder or None,
     }
 
 

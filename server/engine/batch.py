@@ -1,8 +1,9 @@
 """The inputs of one ragged forward pass, shared by the eager runner and the CUDA-graph path.
 
 The batch is flat: the works' tokens are concatenated; per sequence we pass its cached
-prefix length, query start offset, page table and attention kind (causal or bidirectional).
-K/V of rows whose work writes the cache go to their slots; every other row gets slot -1.
+prefix length, query start offset, page table and attention kind (causal, bidirectional, or
+the quadratic mask with its sub-block width). Rows carry explicit positions; K/V of the rows
+a work writes go to the slots of their positions; every other row gets slot -1.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class HostBatch:
     context_lens: list[int] = field(default_factory=list)
     query_start_loc: list[int] = field(default_factory=lambda: [0])
     causal: list[bool] = field(default_factory=list)
+    mask_block: list[int] = field(default_factory=list)  # per sequence; > 0: quadratic mask
     tables: list[list[int]] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)  # flat row indices whose logits are needed
     query_lens: list[int] = field(default_factory=list)
@@ -42,16 +44,19 @@ class HostBatch:
             start, n = req.num_computed, len(work)
             offset = hb.num_tokens
             hb.input_ids.extend(work.token_ids)
-            hb.positions.extend(range(start, start + n))
-            hb.lora.extend([work.lora] * n)
-            if work.writes_kv:
-                pages = req.table.pages
-                hb.slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(start, start + n))
-            else:
-                hb.slots.extend([-1] * n)
+            positions = [start + o for o in work.offsets()]
+            hb.positions.extend(positions)
+            hb.lora.extend(work.row_lora())
+            slots = [-1] * n
+            pages = req.table.pages
+            for r in work.written_rows():
+                p = positions[r]
+                slots[r] = pages[p // page_size] * page_size + p % page_size
+            hb.slots.extend(slots)
             hb.context_lens.append(start)
             hb.query_start_loc.append(hb.query_start_loc[-1] + n)
             hb.causal.append(work.causal)
+            hb.mask_block.append(work.mask_block)
             hb.tables.append(list(req.table.pages))
             hb.logit_rows.extend(offset + r for r in work.logit_rows)
             hb.query_lens.append(n)

@@ -1,7 +1,8 @@
 """CUDA-graph replay of uniform batches.
 
-A graph is captured per (batch-size bucket, query length): query length 1 for AR decode,
-the block length for denoise, draft, verify and commit passes. A batch whose works all have
+A graph is captured per (batch-size bucket, query length, quadratic mask or not): query
+length 1 for AR decode, the block length for denoise, draft, verify and commit passes,
+B * (B + 1) for a quadratic self-speculation cycle of block B. A batch whose works all have
 the same query length ``q`` and whose size fits a bucket is padded to the bucket with dummy
 sequences (slot -1, so they write nothing; empty prefix; causal) and replayed. Mixed or
 prefill batches run eagerly.
@@ -37,6 +38,7 @@ class StaticBuffers:
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
     causal: torch.Tensor
+    mask_block: torch.Tensor | None  # only in graphs of quadratic-mask batches
     block_tables: torch.Tensor
     hidden: torch.Tensor | None = None
 
@@ -65,22 +67,24 @@ class GraphRunner:
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.query_lens = tuple(sorted(set(query_lens)))
         self.capture = capture
-        self.buffers: dict[tuple[int, int], StaticBuffers] = {}
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.buffers: dict[tuple[int, int, bool], StaticBuffers] = {}
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
 
-    def bucket(self, hb: HostBatch) -> tuple[int, int] | None:
-        """The (batch bucket, query length) that can run ``hb``, or None (run eagerly)."""
+    def bucket(self, hb: HostBatch) -> tuple[int, int, bool] | None:
+        """The (batch bucket, query length, quadratic mask) that can run ``hb``, or None (run
+        eagerly). A batch with a quadratic-mask segment gets its own graphs (the kernel
+        variant that reads ``mask_block``)."""
         q = hb.query_lens[0]
         if q not in self.query_lens or any(n != q for n in hb.query_lens):
             return None
         if any(len(t) > self.max_pages_per_seq for t in hb.tables):
             return None
         i = bisect.bisect_left(self.batch_sizes, len(hb.query_lens))
-        return (self.batch_sizes[i], q) if i < len(self.batch_sizes) else None
+        return (self.batch_sizes[i], q, any(hb.mask_block)) if i < len(self.batch_sizes) else None
 
-    def _alloc(self, b: int, q: int) -> StaticBuffers:
+    def _alloc(self, b: int, q: int, quadratic: bool) -> StaticBuffers:
         dev = self.device
         n = b * q
         return StaticBuffers(
@@ -91,11 +95,14 @@ class GraphRunner:
             context_lens=torch.zeros(b, dtype=torch.int32, device=dev),
             query_start_loc=torch.arange(0, n + 1, q, dtype=torch.int32, device=dev),
             causal=torch.ones(b, dtype=torch.bool, device=dev),
+            mask_block=torch.zeros(b, dtype=torch.int32, device=dev) if quadratic else None,
             block_tables=torch.zeros((b, self.max_pages_per_seq), dtype=torch.int32, device=dev),
         )
 
     def _forward(self, buf: StaticBuffers, q: int) -> torch.Tensor:
-        attention = AttentionMetadata(buf.block_tables, buf.context_lens, buf.query_start_loc, buf.causal, q)
+        attention = AttentionMetadata(
+            buf.block_tables, buf.context_lens, buf.query_start_loc, buf.causal, q, buf.mask_block
+        )
         meta = BatchMetadata(attention, buf.slots)
         lora = buf.lora if self.model.has_draft_lora else None
         return self.model(buf.input_ids, buf.positions, self.kv.context(meta), lora)
@@ -113,6 +120,8 @@ class GraphRunner:
             "causal": torch.tensor(hb.causal + [True] * (b - real), dtype=torch.bool),
             "block_tables": tables,
         }
+        if buf.mask_block is not None:
+            host["mask_block"] = torch.tensor(hb.mask_block + [0] * (b - real), dtype=torch.int32)
         for name, value in host.items():
             getattr(buf, name).copy_(value, non_blocking=True)
 
@@ -121,10 +130,10 @@ class GraphRunner:
         key = self.bucket(hb)
         if key is None:
             return None
-        b, q = key
+        b, q, quadratic = key
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = self._alloc(b, q)
+            buf = self.buffers[key] = self._alloc(b, q, quadratic)
         self._fill(buf, hb, b, q)
         if not self.capture:
             return self._forward(buf, q)[: hb.num_tokens]
@@ -136,8 +145,8 @@ class GraphRunner:
         assert buf.hidden is not None
         return buf.hidden[: hb.num_tokens]
 
-    def _capture(self, buf: StaticBuffers, key: tuple[int, int]) -> torch.cuda.CUDAGraph:
-        b, q = key
+    def _capture(self, buf: StaticBuffers, key: tuple[int, int, bool]) -> torch.cuda.CUDAGraph:
+        b, q, _ = key
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         # the warm-up pass compiles the Triton kernels; it writes only the real rows' slots,

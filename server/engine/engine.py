@@ -19,6 +19,7 @@ from server.engine.client import QueueFullError
 from server.engine.cpu_threads import configure_cpu_threads
 from server.engine.grammar import GrammarCompiler
 from server.engine.images import ImageSpan, locate_images
+from server.engine.cost_model import CostModel
 from server.engine.kv_cache import KVCacheManager
 from server.engine.metrics_sink import MetricsSink, NullMetrics
 from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
@@ -90,6 +91,7 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}"
             )
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.cost_model = CostModel()  # pass times on this device, acceptance so far: read by mode=auto
         self.param_context = ResolveContext(
             block_size=mc.block_size,
             max_model_len=self.max_model_len,
@@ -97,6 +99,7 @@ class LLMEngine:
             mask_token_id=mc.mask_token_id if mc.is_diffusion else None,
             server_defaults={} if config.default_refine_steps is None else {"refine_steps": config.default_refine_steps},
             model_defaults=load_model_defaults(config.model),
+            cost_model=self.cost_model,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
@@ -110,7 +113,8 @@ class LLMEngine:
             self.device,
             next(model.parameters()).dtype,
             max_pages_per_seq=-(-self.max_model_len // config.page_size),
-            graph_query_lens=(1, mc.block_size) if graphs else (),
+            # AR decode; block passes; a quadratic self_spec cycle at the default draft length
+            graph_query_lens=(1, mc.block_size, mc.block_size * (mc.block_size + 1)) if graphs else (),
             graph_batch_sizes=buckets if graphs else (),
         )
         self.scheduler.on_preempt = lambda req: self.metrics.on_preemption(req.params.decode.mode)
@@ -260,12 +264,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.time()
         batch = self.scheduler.schedule()
+        num_tokens = sum(len(work) for _, work in batch)
         queried, hit = self.kv.prefix_queries, self.kv.prefix_hits
         if (queried, hit) != self._prefix_seen:
             self.metrics.on_prefix_cache(queried - self._prefix_seen[0], hit - self._prefix_seen[1])
             self._prefix_seen = (queried, hit)
         outputs: list[RequestOutput] = []
         if batch:
+            t_run = time.perf_counter()
             logits = self.runner.run(batch)
             specs, owners = [], []
             for k, ((req, work), lg) in enumerate(zip(batch, logits)):
@@ -276,6 +282,7 @@ class LLMEngine:
                 owners.append(len(row_specs))
             all_logits = torch.cat(logits) if logits else None
             results = select_tokens(all_logits, specs, self.model_config.mask_token_id) if specs else []
+            self.cost_model.pass_time.observe(num_tokens, time.perf_counter() - t_run)  # tokens -> ids synced
             now = time.time()
             start = 0
             for (req, work), lg, n in zip(batch, logits, owners):
@@ -284,6 +291,8 @@ class LLMEngine:
                 if stats.first_scheduled_time is None:
                     stats.first_scheduled_time = t0
                 mode = get_mode(req.params.decode.mode)
+                by_kind = stats.passes_by_decoder.setdefault(mode.pass_label(req, work), {})
+                by_kind[work.kind.name] = by_kind.get(work.kind.name, 0) + 1
                 mode.apply(req, work, results[start : start + n], lg)
                 mode.after_pass(req, work, self.kv)
                 start += n
@@ -301,6 +310,7 @@ class LLMEngine:
             elif req.new_tokens:
                 outputs.append(self._take_output(req))
         self.num_steps += 1
+        self.cost_model.pass_time.set_load(num_tokens, len(batch))  # what the next step's choices see
         self.last_step_duration = time.time() - t0
         self._report_vision()
         self._report_gauges()

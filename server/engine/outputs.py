@@ -19,6 +19,9 @@ class RequestStats:
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     forward_passes: dict[str, int] = field(default_factory=dict)
+    # passes by the decoder that ran them ("ar", "self_spec_linear", ...), then by kind: what
+    # ``auto`` chose per step (fixed modes have one decoder)
+    passes_by_decoder: dict[str, dict[str, int]] = field(default_factory=dict)
     acceptance_lengths: list[int] = field(default_factory=list)  # self_spec: accepted + bonus per cycle
     denoise_steps_per_block: list[int] = field(default_factory=list)  # diffusion
     preemptions: int = 0

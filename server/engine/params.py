@@ -138,6 +138,14 @@ def _policy(name: str, value: Any) -> None:
         raise ParamError(name, f"unknown unmasking policy {value!r}; expected one of {', '.join(POLICIES)}")
 
 
+SPEC_VARIANTS: tuple[str, ...] = ("linear", "quadratic")
+
+
+def _variant(name: str, value: Any) -> None:
+    if value not in SPEC_VARIANTS:
+        raise ParamError(name, f"unknown self_spec variant {value!r}; expected one of {', '.join(SPEC_VARIANTS)}")
+
+
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ParamError(name, f"{name} must be true or false, got {value!r}")
@@ -152,6 +160,7 @@ KNOB_RULES: dict[str, Callable[[str, Any], None]] = {
     "threshold": _unit_interval,
     "policy": _policy,
     "seed_first_position": _boolean,
+    "variant": _variant,
 }
 
 
@@ -177,6 +186,7 @@ class DecodeParams:
     policy: UnmaskPolicy | None = None
     draft_length: int | None = None
     seed_first_position: bool | None = None  # diffusion: canvas[0] = causal prediction (HF behaviour)
+    variant: str | None = None  # self_spec: "linear" (draft + verify) or "quadratic" (one pass)
 
     def __post_init__(self) -> None:
         for name, value in self.knobs().items():
@@ -230,3 +240,4 @@ class ResolveContext:
     mask_token_id: int | None  # None: not a diffusion checkpoint (only causal modes run)
     server_defaults: dict[str, Any] = field(default_factory=dict)
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cost_model: Any = None  # the engine's CostModel (server.engine.cost_model), read by "auto"

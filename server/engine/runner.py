@@ -62,7 +62,8 @@ class ModelRunner:
     def forward_eager(self, hb: HostBatch, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
-        if self.cpu_attention:
+        # the CPU path plans causal/bidirectional segments only; quadratic-mask batches take the reference
+        if self.cpu_attention and not any(hb.mask_block):
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
                                     hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
             return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows, image_features)
@@ -73,6 +74,7 @@ class ModelRunner:
             query_start_loc=self._to_device(hb.query_start_loc, torch.int32),
             causal=self._to_device(hb.causal, torch.bool),
             max_query_len=max(hb.query_lens),
+            mask_block=self._to_device(hb.mask_block, torch.int32) if any(hb.mask_block) else None,
         )
         meta = BatchMetadata(attention, slot_mapping=self._to_device(hb.slots, torch.int64))
         ctx = self.kv.context(meta)
@@ -98,4 +100,20 @@ class ModelRunner:
             n = len(work.logit_rows)
             out.append(logits[start : start + n])
             start += n
+        return self._followups(batch, hb, hidden, out)
+
+    def _followups(
+        self, batch: list[tuple[Request, Work]], hb: HostBatch, hidden: torch.Tensor, out: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Append the logits of the rows each work's ``followup`` asks for after seeing its
+        first logits (the rows are added to ``work.logit_rows``)."""
+        for i, (_, work) in enumerate(batch):
+            if work.followup is None:
+                continue
+            extra = work.followup(out[i])
+            if extra:
+                offset = hb.query_start_loc[i]
+                rows = self._to_device([offset + r for r in extra], torch.int64)
+                out[i] = torch.cat([out[i], self.model.compute_logits(hidden[rows])])
+                work.logit_rows = work.logit_rows + extra
         return out

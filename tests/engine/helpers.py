@@ -47,6 +47,8 @@ def to_params(spec: dict, temperature: float = 0.0, seed: int | None = None, **s
             decode["draft_length"] = spec["draft_length"]
         if "block_length" in spec:
             decode["block_length"] = spec["block_length"]
+        if "variant" in spec:
+            decode["variant"] = spec["variant"]
     return RequestParams(
         SamplingParams(
             max_tokens=spec["max_tokens"],
@@ -78,6 +80,8 @@ def reference_for(model: DecoderModel, prompt: list[int], spec: dict, max_model_
     elif spec["mode"] == "self_spec":
         b = spec.get("block_length", model.config.block_size)
         kw["draft_length"] = spec.get("draft_length", max(1, b - 1))
+        if "variant" in spec:
+            kw["variant"] = spec["variant"]
     return run_reference(model, prompt, kw, max_model_len=max_model_len, mask_id=model.config.mask_token_id)
 
 

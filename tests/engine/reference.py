@@ -47,11 +47,15 @@ def block_mask(n_ctx: int, n_block: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def forward_logits(
-    model: DecoderModel, tokens: list[int], allowed: torch.Tensor, lora_rows: list[bool] | None = None
+    model: DecoderModel,
+    tokens: list[int],
+    allowed: torch.Tensor,
+    lora_rows: list[bool] | None = None,
+    positions: list[int] | None = None,
 ) -> torch.Tensor:
-    """fp32 logits [T, V] of every position of ``tokens`` (positions 0..T-1)."""
+    """fp32 logits [T, V] of every row of ``tokens`` (at ``positions``, default 0..T-1)."""
     ids = torch.tensor(tokens, dtype=torch.int64)
-    pos = torch.arange(len(tokens), dtype=torch.int64)
+    pos = torch.arange(len(tokens), dtype=torch.int64) if positions is None else torch.tensor(positions)
     lr = torch.tensor(lora_rows, dtype=torch.bool) if lora_rows is not None and any(lora_rows) else None
     hidden = model(ids, pos, DenseAttention(allowed), lr)
     return model.compute_logits(hidden).float()
@@ -278,6 +282,81 @@ def self_spec_greedy(
     )
 
 
+def quadratic_cycle_mask(n_ctx: int, heads: int, masks: int) -> torch.Tensor:
+    """Committed tokens causal; then ``heads`` sub-blocks [head, MASK x masks]. Every cycle row
+    sees every committed token; head j sees heads 0..j; a mask of sub-block j sees heads
+    0..j and its whole sub-block."""
+    width = masks + 1
+    n = n_ctx + heads * width
+    m = torch.zeros(n, n, dtype=torch.bool)
+    m[:n_ctx, :n_ctx] = causal_mask(n_ctx)
+    m[n_ctx:, :n_ctx] = True
+    head_rows = [n_ctx + j * width for j in range(heads)]
+    for j in range(heads):
+        sub = range(head_rows[j], head_rows[j] + width)
+        for r in sub:
+            for h in head_rows[: j + 1]:
+                m[r, h] = True
+            if r != head_rows[j]:
+                for c in sub:
+                    m[r, c] = True
+    return m
+
+
+def self_spec_quadratic_greedy(
+    model: DecoderModel,
+    prompt: list[int],
+    *,
+    draft_length: int,
+    max_tokens: int,
+    max_model_len: int,
+    stop_ids=(),
+    mask_id: int,
+) -> Result:
+    """One dense pass per cycle over [committed | sub-block j = (h_j, MASK x K) for each head
+    h_0 = seed, h_j = d_j] with sub-block j at positions L+j .. L+j+K; accept the agreeing
+    prefix of the heads' argmaxes plus the bonus; the next drafts are sub-block a's masks
+    2..K. K = draft_length + 1, cut by the length budget and the context."""
+    out = Output(len(prompt), max_tokens, max_model_len, frozenset(stop_ids))
+    trace, draft_trace = Trace(), Trace()
+    out.emit([pick(causal_logits(model, list(prompt))[-1], mask_id, trace)[0]])
+    acc_lengths: list[int] = []
+    all_drafts: list[list[int]] = []
+    drafts: list[int] = []
+    while out.finish_reason is None:
+        committed = list(prompt) + out.tokens[:-1]
+        n = len(committed)
+        drafts = drafts[: max(0, max_model_len - 1 - n)]
+        k = max(0, min(draft_length + 1, out.remaining, max_model_len - 1 - n - len(drafts)))
+        heads = [out.tokens[-1]] + drafts
+        tokens, positions, lora = list(committed), list(range(n)), [False] * n
+        for j, h in enumerate(heads):
+            tokens += [h] + [mask_id] * k
+            positions += list(range(n + j, n + j + k + 1))
+            lora += [False] + [True] * k
+        logits = forward_logits(model, tokens, quadratic_cycle_mask(n, len(heads), k), lora, positions)[n:]
+        picks = [pick(logits[j * (k + 1)], mask_id, None) for j in range(len(heads))]
+        verifier = [p[0] for p in picks]
+        acc = 0
+        while acc < len(drafts) and verifier[acc] == drafts[acc]:
+            acc += 1
+        for p in picks[: acc + 1]:
+            trace.note(p[2])
+        acc_lengths.append(acc + 1)
+        all_drafts.append(drafts)
+        out.emit(drafts[:acc] + [verifier[acc]])
+        first = acc * (k + 1)
+        drafts = [pick(logits[r], mask_id, draft_trace)[0] for r in range(first + 2, first + k + 1)][: out.remaining]
+    return Result(
+        out.tokens,
+        out.finish_reason,
+        trace.min_margin,
+        draft_margin=draft_trace.min_margin,
+        acceptance_lengths=acc_lengths,
+        drafts=all_drafts,
+    )
+
+
 def run_reference(model: DecoderModel, prompt: list[int], spec: dict, *, max_model_len: int, mask_id: int) -> Result:
     """Dispatch on ``spec['mode']``; ``spec`` holds the keyword arguments of the mode function
     plus ``mode``, ``max_tokens`` and ``stop_ids``."""
@@ -287,6 +366,8 @@ def run_reference(model: DecoderModel, prompt: list[int], spec: dict, *, max_mod
         return ar_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
     if mode == "diffusion":
         return diffusion_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
+    if mode == "self_spec" and kw.pop("variant", "linear") == "quadratic":
+        return self_spec_quadratic_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
     if mode == "self_spec":
         return self_spec_greedy(model, prompt, max_model_len=max_model_len, mask_id=mask_id, **kw)
     raise ValueError(mode)

@@ -23,18 +23,22 @@ def make_engine(graphs: bool) -> LLMEngine:
     model = random_model(tiny_nld_config(block_size=8), seed=3)
     eng = LLMEngine(model, EngineConfig(model="tiny", kv_cache_tokens=4096, max_model_len=256, enable_prefix_caching=False))
     if graphs:
-        eng.runner.graphs = eng.runner.graph_runner((1, 2, 4, 8), (1, 8), capture=False)
+        eng.runner.graphs = eng.runner.graph_runner((1, 2, 4, 8), (1, 8, 20), capture=False)
     return eng
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec", "quadratic"])
 def test_padded_replay_path_matches_eager(mode: str) -> None:
-    params = RequestParams(SamplingParams(max_tokens=24, temperature=0), DecodeParams(mode=mode))
+    # quadratic: block 4 -> cycles of 4 sub-blocks x 5 rows = 20 tokens (a graph length)
+    decode = DecodeParams(mode="self_spec", variant="quadratic", block_length=4) if mode == "quadratic" else DecodeParams(mode=mode)
+    params = RequestParams(SamplingParams(max_tokens=24, temperature=0), decode)
     eager = [o["token_ids"] for o in make_engine(False).generate(PROMPTS, params)]
     eng = make_engine(True)
     padded = [o["token_ids"] for o in eng.generate(PROMPTS, params)]
     assert padded == eager
     assert eng.runner.graphs.buffers, "no batch went through the padded path"
+    if mode == "quadratic":
+        assert any(quad for _, _, quad in eng.runner.graphs.buffers), "no quadratic batch was padded"
     eng.check_integrity()
     assert eng.kv.num_free_pages == eng.kv.num_pages
 
@@ -50,8 +54,11 @@ def test_bucket_selection() -> None:
         h.tables = [[0]] * len(lens)
         return h
 
-    assert graphs.bucket(hb([1, 1, 1])) == (4, 1)
-    assert graphs.bucket(hb([8] * 8)) == (8, 8)
+    assert graphs.bucket(hb([1, 1, 1])) == (4, 1, False)
+    assert graphs.bucket(hb([8] * 8)) == (8, 8, False)
+    quad = hb([20, 20])
+    quad.mask_block = [5, 0]
+    assert graphs.bucket(quad) == (2, 20, True)  # its own graphs (the mask_block kernel variant)
     assert graphs.bucket(hb([1, 8])) is None  # mixed query lengths run eagerly
     assert graphs.bucket(hb([3])) is None  # a query length with no graph
     assert graphs.bucket(hb([1] * 9)) is None  # larger than the largest bucket

@@ -58,6 +58,8 @@ def specs_for(seed: int) -> list[dict]:
         dict(mode="self_spec", block_length=8, max_tokens=60),
         dict(mode="self_spec", block_length=32, max_tokens=45),
         dict(mode="self_spec", draft_length=2, max_tokens=17),
+        dict(mode="self_spec", variant="quadratic", block_length=4, max_tokens=40),
+        dict(mode="self_spec", variant="quadratic", draft_length=2, max_tokens=23),
     ]
     for i, spec in enumerate(specs):
         if i % 5 == 3:

@@ -105,3 +105,25 @@ def test_a_bad_model_entry_fails_at_load_naming_the_key(tmp_path: Path, entry: A
 def test_the_embedded_model_entry_is_valid() -> None:
     defaults = load_model_defaults(DEFAULT_MODEL_DIR)
     assert set(defaults) <= {"ar", "diffusion", "self_spec"}
+
+
+@pytest.mark.parametrize("decode", [dict(mode="self_spec", variant="quadratic"), dict(mode="auto")])
+def test_passes_without_one_sequence_refuse_grammar_and_logit_controls(tmp_path: Path, decode: dict) -> None:
+    """Quadratic self_spec (and auto, which may pick it) lays out several continuations in one
+    pass, so row-wise grammar masks and logit controls are refused, naming the field."""
+    from server.engine.grammar import GrammarSpec
+    from server.engine.params import LogitControls, ParamError
+
+    eng = engine(model_folder(tmp_path / "m", {}))
+    cases = {
+        "response_format": SamplingParams(grammar=GrammarSpec.json_schema({"type": "object"})),
+        "presence_penalty": SamplingParams(controls=LogitControls(presence_penalty=0.5)),
+        "logit_bias": SamplingParams(controls=LogitControls(logit_bias=((5, 1.0),))),
+        "min_tokens": SamplingParams(max_tokens=8, controls=LogitControls(min_tokens=2)),
+    }
+    for param, sampling in cases.items():
+        with pytest.raises(ParamError) as err:
+            eng.resolve_params(RequestParams(sampling, DecodeParams(**decode)))
+        assert err.value.param == param
+    linear = eng.resolve_params(RequestParams(cases["logit_bias"], DecodeParams(mode="self_spec", variant="linear")))
+    assert linear.decode.variant == "linear"  # linear self_spec honours them

@@ -150,12 +150,12 @@ def _first_draft_acceptance() -> tuple[float, float]:
     return rs, eq
 
 
-def _sample(mode: str, seeds: range):
+def _sample(mode: str, seeds: range, **knobs):
     n = len(seeds)
     eng = make_engine(
         _stat_model(), max_num_seqs=n, max_waiting=n, max_num_batched_tokens=16384, kv_cache_tokens=16 * n, page_size=8
     )
-    spec = dict(mode=mode, max_tokens=3, ignore_eos=True, draft_length=2)
+    spec = dict(mode=mode, max_tokens=3, ignore_eos=True, draft_length=2, **knobs)
     reqs = [(f"r{s}", STAT_PROMPT, to_params(spec, temperature=TEMP, seed=s)) for s in seeds]
     done = run_all(eng, reqs)
     outs = [done[f"r{s}"] for s in seeds]

@@ -30,7 +30,7 @@ def params(mode: str, max_tokens: int, **decode: object) -> RequestParams:
 
 
 def test_registry_lists_the_toy_mode(toy_mode: str) -> None:
-    assert mode_names() == ("ar", "diffusion", "self_spec", toy_mode)
+    assert mode_names() == ("ar", "diffusion", "self_spec", "auto", toy_mode)
     assert work_kind_names()[-1] == "restride"
     assert isinstance(get_mode(toy_mode), FixedStrideMode)
 

@@ -186,6 +186,12 @@ def test_helpers():
     assert [s.label for s in plan_runs(None, None)] == ["default"]
     assert [s.label for s in plan_runs(["ar", "diffusion"], [2, 8])] == ["ar", "diffusion/rs=2", "diffusion/rs=8"]
     assert [s.label for s in plan_runs(None, [3])] == ["default/rs=3"]
+    runs = plan_runs(["ar", "self_spec", "auto"], None, ["linear", "quadratic"], [4, 8])
+    assert [s.label for s in runs] == [
+        "ar", "self_spec/linear/B=4", "self_spec/linear/B=8", "self_spec/quadratic/B=4",
+        "self_spec/quadratic/B=8", "auto",
+    ]
+    assert runs[3].fields() == {"mode": "self_spec", "variant": "quadratic", "block_length": 4}
     rng = random.Random(0)
     assert arrival_offsets(3, math.inf, "poisson", rng) == [0.0, 0.0, 0.0]
     assert arrival_offsets(3, 2.0, "constant", rng) == [0.0, 0.5, 1.0]

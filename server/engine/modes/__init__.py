@@ -5,6 +5,7 @@ Importing this package registers the built-in modes; everything else asks the re
 from __future__ import annotations
 
 from server.engine.modes.ar import AutoregressiveMode
+from server.engine.modes.auto import AutoMode
 from server.engine.modes.base import DecodeMode
 from server.engine.modes.diffusion import BlockDiffusionMode
 from server.engine.modes.registry import (
@@ -21,12 +22,13 @@ from server.engine.modes.registry import (
 )
 from server.engine.modes.self_spec import SelfSpeculativeMode
 
-for _mode in (AutoregressiveMode(), BlockDiffusionMode(), SelfSpeculativeMode()):
+for _mode in (AutoregressiveMode(), BlockDiffusionMode(), SelfSpeculativeMode(), AutoMode()):
     register(_mode)
 
 __all__ = [
     "DecodeMode",
     "AutoregressiveMode",
+    "AutoMode",
     "BlockDiffusionMode",
     "SelfSpeculativeMode",
     "all_modes",

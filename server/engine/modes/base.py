@@ -9,7 +9,7 @@ import torch
 from server.engine.images import clamp_chunk
 from server.engine.kv_cache import KVCacheManager
 from server.engine.outputs import RequestStats
-from server.engine.params import ModeParams, ParamError, ResolveContext
+from server.engine.params import ModeParams, ParamError, ResolveContext, SamplingParams
 from server.engine.request import ModeState, Request
 from server.engine.sampler import SALT_SAMPLE, RowResult, RowSpec
 from server.engine.work import PREFILL, Work, WorkKind
@@ -53,6 +53,9 @@ class DecodeMode:
         that cannot run on this model (e.g. longer than the context)."""
         return ModeParams(mode=self.name)
 
+    def check_sampling(self, params: ModeParams, sampling: SamplingParams) -> None:
+        """Refuse (ParamError) sampling controls these params cannot honour; default: all."""
+
     def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
         """Tokens of the longest atomic pass these params run, and the knob that sets it."""
         return 1, None
@@ -77,6 +80,10 @@ class DecodeMode:
 
     def after_pass(self, req: Request, work: Work, kv: KVCacheManager) -> None:
         """Adjust the request's cache after ``apply`` (e.g. drop rejected slots)."""
+
+    def pass_label(self, req: Request, work: Work) -> str:
+        """The decoder that ran ``work`` (per-pass statistics; ``auto`` names its choice)."""
+        return self.name
 
     def reset(self, req: Request) -> None:
         """Forget in-flight state (the request was preempted; its cache is gone)."""
@@ -121,3 +128,14 @@ def sample_spec(req: Request, position: int, salt: int = SALT_SAMPLE) -> RowSpec
     """A causal sampling row for the token at ``position`` with the request's sampling params."""
     s = req.params.sampling
     return RowSpec(s.temperature, s.top_k, s.top_p, req.seed, position, salt, s.logprobs)
+
+
+def refuse_sequence_controls(sampling: SamplingParams, where: str) -> None:
+    """ParamError for a grammar or logit controls, whose rows need a contiguous sequence
+    (passes that lay out several hypothetical continuations cannot give them one)."""
+    if sampling.grammar is not None:
+        raise ParamError("response_format", f"structured output is not supported in {where}")
+    controls = sampling.controls
+    if controls.active:
+        name = (controls.penalties_set() or ("logit_bias" if controls.logit_bias else "min_tokens",))[0]
+        raise ParamError(name, f"'{name}' is not supported in {where}")

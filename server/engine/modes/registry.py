@@ -116,6 +116,7 @@ def resolve_decode(decode: DecodeParams, sampling: SamplingParams, ctx: ResolveC
         else:
             values[knob] = mode.default(knob, values, ctx)
     params = mode.make_params(values, ctx)
+    mode.check_sampling(params, sampling)
     size, knob = mode.largest_pass(params)
     if size > ctx.max_pass_tokens:
         raise ParamError(

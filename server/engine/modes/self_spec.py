@@ -12,6 +12,10 @@ output is exactly AR greedy. At temperature > 0 each draft token d_i (drawn from
 distribution q_i) is accepted with probability min(1, p(d_i) / q_i(d_i)) and the first
 rejection is replaced by a draw from norm(max(0, p - q_i)): the emitted tokens are
 distributed exactly as AR sampling (speculative rejection sampling).
+
+``variant="quadratic"`` replaces the draft and verify passes by one pass per cycle; see
+``server.engine.modes.self_spec_quadratic`` for its layout. Acceptance (greedy or rejection
+sampling), the emitted tokens and the accounting are the same as linear mode's.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from typing import Any
 import torch
 
 from server.engine.kv_cache import KVCacheManager
-from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, sample_spec
+from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, refuse_sequence_controls, sample_spec
 from server.engine.outputs import RequestStats
-from server.engine.params import ModeParams, ResolveContext
+from server.engine.params import ModeParams, ResolveContext, SamplingParams
 from server.engine.request import ModeState, Request
 from server.engine.sampler import (
     SALT_ACCEPT,
@@ -38,6 +42,7 @@ from server.engine.sampler import (
     row_keys,
     uniforms,
 )
+from server.engine.modes import self_spec_quadratic as quad
 from server.engine.work import PREFILL, Work, WorkKind
 
 DRAFT = WorkKind("draft", writes_kv=False, attention="bidirectional")
@@ -49,12 +54,15 @@ class SelfSpecParams(ModeParams):
     mask_token_id: int
     block_length: int  # only sets the default draft length
     draft_length: int
+    variant: str = "linear"  # "linear": draft + verify passes; "quadratic": one pass per cycle
 
 
 @dataclass
 class SpecState(ModeState):
     drafts: list[int] | None = None
     draft_probs: torch.Tensor | None = None  # [D, V] draft distributions (temperature > 0)
+    layout: quad.CycleLayout | None = None  # quadratic: the cycle in flight
+    decision: tuple[int, int | None] | None = None  # quadratic: (accepted, sampled bonus or None)
 
 
 class SelfSpeculativeMode(DecodeMode):
@@ -63,16 +71,23 @@ class SelfSpeculativeMode(DecodeMode):
     after a verify the cache holds exactly the accepted prefix (``after_pass`` cuts it)."""
 
     name = "self_spec"
-    knobs = ("block_length", "draft_length")
+    knobs = ("block_length", "draft_length", "variant")
     honours_penalties = True  # each verify row sees the drafts before it, so temperature 0 still equals AR
     needs_mask_token = True
-    work_kinds = (PREFILL, DRAFT, VERIFY)
+    work_kinds = (PREFILL, DRAFT, VERIFY, quad.SPEC_CYCLE)
     metric_histograms = ("spec_decode_acceptance_length",)
 
     def default(self, knob: str, values: dict[str, Any], ctx: ResolveContext) -> Any:
         if knob == "draft_length":
             return max(1, values["block_length"] - 1)  # a draft fills the block after its seed
+        if knob == "variant":
+            return "linear"
         return super().default(knob, values, ctx)
+
+    def check_sampling(self, params: ModeParams, sampling: SamplingParams) -> None:
+        assert isinstance(params, SelfSpecParams)
+        if params.variant == "quadratic":
+            refuse_sequence_controls(sampling, "self_spec with variant 'quadratic'")
 
     def make_params(self, values: dict[str, Any], ctx: ResolveContext) -> SelfSpecParams:
         check_fits("block_length", values["block_length"], values["block_length"], ctx)
@@ -81,7 +96,10 @@ class SelfSpeculativeMode(DecodeMode):
         return SelfSpecParams(mode=self.name, mask_token_id=ctx.mask_token_id, **values)
 
     def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
-        return _params(params).draft_length + 1, "draft_length"
+        p = _params(params)
+        if p.variant == "quadratic":
+            return quad.cycle_tokens(p.draft_length, p.draft_length), "draft_length"
+        return p.draft_length + 1, "draft_length"
 
     def usage_extras(self, stats: list[RequestStats]) -> dict[str, Any]:
         lengths = [a for s in stats for a in s.acceptance_lengths]
@@ -91,8 +109,15 @@ class SelfSpeculativeMode(DecodeMode):
     def _state(req: Request) -> SpecState:
         return mode_state(req, SpecState)
 
+    def spec_params(self, req: Request) -> SelfSpecParams:
+        """The knobs this request's cycles run with (``auto`` overrides it per cycle)."""
+        return _params(req.params.decode)
+
+    def pass_label(self, req: Request, work: Work) -> str:
+        return f"self_spec_{self.spec_params(req).variant}"
+
     def _draft_length(self, req: Request) -> int:
-        d = _params(req.params.decode).draft_length
+        d = self.spec_params(req).draft_length
         return max(1, min(d, req.remaining_tokens, req.max_model_len - req.num_computed - 1))
 
     def next_work(self, req: Request, budget: int) -> Work | None:
@@ -102,18 +127,75 @@ class SelfSpeculativeMode(DecodeMode):
         if req.num_computed < target:
             return prefill_work(req, budget, target, want_logits=not has_seed, kind=PREFILL)
         seed = req.token_ids[-1]
+        if self.spec_params(req).variant == "quadratic":
+            return self._cycle_work(req, st, seed, budget)
         if st.drafts is None:
             d = self._draft_length(req)
             if d + 1 > budget:
                 return None
-            mask = _params(req.params.decode).mask_token_id
+            mask = self.spec_params(req).mask_token_id
             return Work(DRAFT, [seed] + [mask] * d, logit_rows=list(range(1, d + 1)), lora=True)
         if len(st.drafts) + 1 > budget:
             return None
         return Work(VERIFY, [seed] + st.drafts, logit_rows=list(range(len(st.drafts) + 1)))
 
+    def _cycle_work(self, req: Request, st: SpecState, seed: int, budget: int) -> Work | None:
+        p = self.spec_params(req)
+        room = max(0, req.max_model_len - 1 - req.num_computed)  # heads sit at L .. L + D
+        drafts = (st.drafts or [])[:room]
+        layout = quad.layout_for(req, p.draft_length, drafts)
+        if layout.num_tokens > budget:
+            return None
+        st.drafts, st.layout = drafts, layout
+        if st.draft_probs is not None:
+            st.draft_probs = st.draft_probs[: len(drafts)]
+        return quad.cycle_work(seed, drafts, layout, p.mask_token_id, lambda logits: self._decide(req, logits))
+
+    def _decide(self, req: Request, head_logits: torch.Tensor) -> list[int]:
+        """Quadratic: the acceptance, from the head rows' logits; returns the rows whose
+        predictions become the next drafts (the accepted sub-block's masks)."""
+        st = self._state(req)
+        assert st.drafts is not None and st.layout is not None
+        drafts = st.drafts
+        if req.params.sampling.greedy:
+            mask = torch.tensor([self.spec_params(req).mask_token_id], device=head_logits.device)
+            verifier = torch.argmax(head_logits.float().index_fill(1, mask, float("-inf")), dim=-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and verifier[accepted] == drafts[accepted]:
+                accepted += 1
+            st.decision = (accepted, None)
+        else:
+            q = st.draft_probs if drafts else head_logits.new_zeros((0, head_logits.shape[1]))
+            st.decision = self._rejection_sample(req, drafts, q, self._probs(req, head_logits))
+        return st.layout.draft_rows(st.decision[0])
+
+    def _apply_cycle(self, req: Request, st: SpecState, results: list[RowResult], logits: torch.Tensor) -> None:
+        assert st.drafts is not None and st.layout is not None and st.decision is not None
+        accepted, bonus = st.decision
+        if bonus is None:  # greedy: the head row's argmax
+            bonus = results[accepted].token
+        new_tokens = st.drafts[:accepted] + [bonus]
+        req.num_computed += 1 + accepted
+        req.stats.acceptance_lengths.append(accepted + 1)
+        req.emit(new_tokens)
+        layout = st.layout
+        st.drafts = quad.next_drafts(req, results, layout)
+        st.draft_probs = None
+        if st.drafts and not req.params.sampling.greedy:
+            st.draft_probs = self._probs(req, quad.draft_logits(logits, layout))[: len(st.drafts)]
+        st.layout, st.decision = None, None
+
+    def kv_tokens_needed(self, req: Request, work: Work) -> int:
+        if work.kind is quad.SPEC_CYCLE:  # only the heads are written
+            return req.num_computed + len(work.written_rows())
+        return super().kv_tokens_needed(req, work)
+
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
         base = req.num_computed
+        if work.kind is quad.SPEC_CYCLE:
+            layout = self._state(req).layout
+            assert layout is not None
+            return quad.row_specs(req, work, layout)
         if work.kind is PREFILL:
             return [sample_spec(req, base + len(work))] if work.logit_rows else []
         if work.kind is DRAFT:
@@ -133,6 +215,9 @@ class SelfSpeculativeMode(DecodeMode):
             st.drafts = [r.token for r in results]
             if not s.greedy:
                 st.draft_probs = self._probs(req, logits)
+            return
+        if work.kind is quad.SPEC_CYCLE:
+            self._apply_cycle(req, st, results, logits)
             return
         drafts = st.drafts
         assert drafts is not None
@@ -155,7 +240,7 @@ class SelfSpeculativeMode(DecodeMode):
         s = req.params.sampling
         n = logits.shape[0]
         dev = logits.device
-        mask = torch.tensor([_params(req.params.decode).mask_token_id], device=dev)
+        mask = torch.tensor([self.spec_params(req).mask_token_id], device=dev)
         allowed = logits.float().index_fill(1, mask, float("-inf"))
         return filtered_probs(
             allowed,
@@ -172,7 +257,7 @@ class SelfSpeculativeMode(DecodeMode):
         """Returns (accepted drafts, the token that follows them)."""
         assert q is not None
         dev = p.device
-        d = torch.tensor(drafts, device=dev)
+        d = torch.tensor(drafts, device=dev, dtype=torch.long)
         rows = torch.arange(len(drafts), device=dev)
         p_d = p[rows, d].double()  # verifier row i-1 predicts draft i
         q_d = q[rows, d].double()
@@ -195,7 +280,7 @@ class SelfSpeculativeMode(DecodeMode):
         return accepted, int(race(dist[None], keys)[0])
 
     def after_pass(self, req: Request, work: Work, kv: KVCacheManager) -> None:
-        if work.kind is VERIFY:  # rejected drafts wrote slots past the accepted prefix
+        if work.kind in (VERIFY, quad.SPEC_CYCLE):  # rejected drafts wrote slots past the accepted prefix
             kv.truncate(req.table, req.num_computed)
 
 

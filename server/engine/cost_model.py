@@ -1,0 +1,99 @@
+"""What ``mode: "auto"`` decides with: the time of a forward pass as a function of its token
+count on this device (measured online), the load of the batch, and per-request acceptance.
+
+``PassTimeModel.time(n)`` interpolates (piecewise linear in n) an exponentially weighted
+average kept per power-of-two bucket of the pass's token count; buckets never measured fall
+back to a prior line ``a + b * n`` fitted from the measured ones (or the default prior).
+The engine calls ``observe`` after every pass and ``set_load`` before scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PassTimeModel:
+    """Seconds of one forward pass of ``n`` tokens, refreshed online."""
+
+    prior_fixed_s: float = 0.02  # per-pass overhead before any measurement
+    prior_per_token_s: float = 0.0005
+    decay: float = 0.2  # weight of a new measurement in its bucket's average
+    buckets: dict[int, float] = field(default_factory=dict)  # bucket's token count -> seconds
+    load_tokens: int = 0  # tokens of the last scheduled batch
+    load_requests: int = 0  # requests in it
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        b = self.bucket(num_tokens)
+        # scale the measurement to the bucket's token count along the current slope
+        est = seconds + self._slope() * (b - num_tokens)
+        old = self.buckets.get(b)
+        self.buckets[b] = est if old is None else (1 - self.decay) * old + self.decay * est
+
+    def set_load(self, num_tokens: int, num_requests: int) -> None:
+        self.load_tokens, self.load_requests = num_tokens, num_requests
+
+    def _slope(self) -> float:
+        pts = sorted(self.buckets.items())
+        if len(pts) >= 2:
+            (n0, t0), (n1, t1) = pts[0], pts[-1]
+            return max(0.0, (t1 - t0) / (n1 - n0))
+        return self.prior_per_token_s
+
+    def time(self, n: int) -> float:
+        """Estimated seconds of a pass of ``n`` tokens (non-decreasing in n)."""
+        pts = sorted(self.buckets.items())
+        if not pts:
+            return self.prior_fixed_s + self.prior_per_token_s * n
+        if n <= pts[0][0]:
+            return pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+            if n <= n1:
+                return max(t0, t0 + (t1 - t0) * (n - n0) / (n1 - n0))
+        n_last, t_last = pts[-1]
+        return t_last + self._slope() * (n - n_last)
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Per-draft-token acceptance rate of one decoder, a Beta-like running estimate: each
+    cycle with ``d`` drafts of which ``a`` were accepted adds ``a`` successes and one failure
+    unless every draft was accepted. ``prior`` counts pseudo-observations of ``prior_rate``."""
+
+    prior_rate: float = 0.5
+    prior: float = 4.0
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    def observe(self, drafts: int, accepted: int) -> None:
+        self.accepted += accepted
+        self.rejected += 1 if accepted < drafts else 0
+
+    @property
+    def rate(self) -> float:
+        a = self.accepted + self.prior * self.prior_rate
+        return a / (a + self.rejected + self.prior * (1 - self.prior_rate))
+
+    def expected_tokens(self, drafts: int) -> float:
+        """Expected tokens a cycle of ``drafts`` drafts emits (accepted prefix + bonus)."""
+        r = min(self.rate, 1 - 1e-9)
+        return (1 - r ** (drafts + 1)) / (1 - r)
+
+
+@dataclass
+class CostModel:
+    """One engine's cost model: pass times on its device, and the acceptance rate of each
+    self_spec variant over every request so far (the prior of a new request's estimate)."""
+
+    pass_time: PassTimeModel = field(default_factory=PassTimeModel)
+    acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
+
+    def global_acceptance(self, variant: str) -> AcceptanceEstimate:
+        return self.acceptance.setdefault(variant, AcceptanceEstimate())

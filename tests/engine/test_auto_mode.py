@@ -1,0 +1,188 @@
+"""mode=auto: exactly AR greedy at temperature 0 whatever it picks (idle, loaded, mixed with
+other modes, under preemption, with the pass-time model pushing it to each decoder), and its
+choice follows the cost model (fake pass times: the decision boundary is where the formula
+puts it)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from server.engine.cost_model import AcceptanceEstimate, CostModel, PassTimeModel
+from server.engine.modes.auto import AR_PLAN, Plan, choose
+from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from tests.engine.helpers import Driver, make_engine, run_all, to_params
+from tests.engine.test_self_spec import _with_lora
+
+AUTO = RequestParams(SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), DecodeParams(mode="auto"))
+
+
+@dataclass
+class LinearTime(PassTimeModel):
+    """A fake device: a pass of n tokens takes fixed + per_token * n seconds; never learns."""
+
+    fixed: float = 1.0
+    per_token: float = 0.0
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def time(self, n: int) -> float:
+        return self.fixed + self.per_token * n
+
+
+def _acc(rate: float) -> dict[str, AcceptanceEstimate]:
+    exact = AcceptanceEstimate(prior_rate=rate, prior=1e9)  # the observations cannot move it
+    return {"linear": exact, "quadratic": exact}
+
+
+def _cost(fixed: float, per_token: float, load_tokens: int = 0, load_requests: int = 0) -> CostModel:
+    t = LinearTime(fixed=fixed, per_token=per_token)
+    t.set_load(load_tokens, load_requests)
+    return CostModel(pass_time=t)
+
+
+QUAD3 = Plan("quadratic", 3)  # 20 tokens per pass
+PLANS = (AR_PLAN, Plan("linear", 3), Plan("linear", 7), QUAD3, Plan("quadratic", 7))
+
+
+def test_flat_pass_time_picks_the_most_tokens_per_pass() -> None:
+    """Memory-bound device (time independent of n): the plan emitting most per step wins."""
+    assert choose(PLANS, _cost(1.0, 0.0), _acc(0.9), 1) == Plan("quadratic", 7)
+    assert choose(PLANS, _cost(1.0, 0.0), _acc(0.0), 1) == AR_PLAN  # nothing is ever accepted
+
+
+def test_compute_bound_pass_time_picks_ar() -> None:
+    """Time proportional to tokens: no drafting can pay for its extra tokens."""
+    assert choose(PLANS, _cost(0.0, 1.0), _acc(0.95), 1) == AR_PLAN
+
+
+def test_decision_boundary_idle() -> None:
+    """AR vs quadratic(3), idle, T(n) = 10 + n: quadratic iff E(3) / 30 > 1 / 11, i.e. the
+    expected tokens per cycle exceed 30 / 11. Sweep the acceptance rate across the boundary."""
+    boundary = 30 / 11
+    switched = []
+    for i in range(1, 100):
+        rate = i / 100
+        e = (1 - rate**4) / (1 - rate)
+        pick = choose((AR_PLAN, QUAD3), _cost(10.0, 1.0), _acc(rate), 1)
+        assert pick == (QUAD3 if e > boundary else AR_PLAN), (rate, e, pick)
+        switched.append(pick == QUAD3)
+    assert any(switched) and not all(switched)  # the sweep does cross the boundary
+
+
+def test_decision_boundary_under_load() -> None:
+    """Same device, acceptance 0.9 (E = 3.439): with k other requests each adding one token
+    and emitting one per step, quadratic wins iff (E + k) / (30 + k) > (1 + k) / (11 + k)."""
+    e = (1 - 0.9**4) / 0.1
+    picks = []
+    for k in range(0, 12):
+        cost = _cost(10.0, 1.0, load_tokens=k + 1, load_requests=k + 1)  # own last pass: 1 token
+        want = QUAD3 if (e + k) / (30 + k) > (1 + k) / (11 + k) else AR_PLAN
+        pick = choose((AR_PLAN, QUAD3), cost, _acc(0.9), 1)
+        assert pick == want, k
+        picks.append(pick)
+    assert picks[0] == QUAD3 and picks[-1] == AR_PLAN  # idle: speculate; loaded: AR
+
+
+def test_pass_time_model_interpolates_measurements() -> None:
+    t = PassTimeModel()
+    for _ in range(30):
+        t.observe(1, 0.010)
+        t.observe(64, 0.050)
+    assert t.time(1) == pytest.approx(0.010, rel=1e-6)
+    assert t.time(64) == pytest.approx(0.050, rel=1e-6)
+    assert 0.010 < t.time(20) < 0.050 and t.time(128) > 0.050
+    assert t.time(30) <= t.time(31)
+
+
+def _prompts(seed: int, n: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(n)]
+
+
+def _ar(model, prompts):
+    p = to_params(dict(mode="ar", max_tokens=30, ignore_eos=True))
+    return [o["token_ids"] for o in make_engine(model).generate(prompts, p)]
+
+
+@pytest.mark.parametrize("device", ["memory_bound", "compute_bound", "measured"])
+@pytest.mark.parametrize("concurrency", [1, 4, 16])
+def test_auto_is_ar_greedy_under_every_load(device: str, concurrency: int) -> None:
+    model = _with_lora(3)
+    prompts = _prompts(concurrency, concurrency)
+    want = _ar(model, prompts)
+    eng = make_engine(model, max_num_seqs=concurrency, page_size=4)
+    if device != "measured":  # force each regime (measured: this machine's own timings)
+        eng.cost_model.pass_time = LinearTime(fixed=1.0, per_token=0.0 if device == "memory_bound" else 1.0)
+    outs = eng.generate(prompts, AUTO)
+    decoders: set[str] = set()
+    for o, w in zip(outs, want):
+        assert o["token_ids"] == w
+        st = o["stats"]
+        decoders |= set(st.passes_by_decoder)
+        assert sum(sum(k.values()) for k in st.passes_by_decoder.values()) == st.total_forward_passes
+    if device == "memory_bound":
+        assert decoders & {"self_spec_linear", "self_spec_quadratic"}, decoders
+    if device == "compute_bound":
+        assert decoders == {"ar"}, decoders
+    assert eng.kv.num_free_pages == eng.kv.num_pages
+
+
+def test_auto_mixed_with_other_modes_and_preemption() -> None:
+    """auto requests (switching decoders as the load changes) next to fixed-mode requests on a
+    pool small enough to preempt: still AR greedy token for token."""
+    model = _with_lora(3)
+    prompts = _prompts(7, 4)
+    want = _ar(model, prompts)
+    eng = make_engine(model, max_model_len=64, kv_cache_tokens=80, page_size=4)
+    eng.cost_model.pass_time = LinearTime(fixed=1.0, per_token=0.02)  # idle: spec; loaded: ar
+    d = Driver(eng)
+    for i, p in enumerate(prompts):
+        d.add(f"auto{i}", p, AUTO)
+    d.add("quad", prompts[0], to_params(dict(mode="self_spec", variant="quadratic", block_length=4, max_tokens=30, ignore_eos=True)))
+    d.add("diff", prompts[1], to_params(dict(mode="diffusion", block_length=4, refine_steps=2, max_tokens=12)))
+    d.run()
+    assert eng.scheduler.num_preemptions > 0
+    for i in range(len(prompts)):
+        assert d.done[f"auto{i}"].token_ids == want[i]
+    assert d.done["quad"].token_ids == want[0]
+    decoders = set().union(*(d.done[f"auto{i}"].stats.passes_by_decoder for i in range(4)))
+    assert len(decoders) >= 2, decoders  # it really switched
+    assert eng.kv.num_free_pages == eng.kv.num_pages
+
+
+def test_auto_waves_with_prefix_cache() -> None:
+    model = _with_lora(3)
+    prompts = _prompts(11, 6)
+    want = _ar(model, prompts)
+    eng = make_engine(model, page_size=4)
+    reqs = [(f"r{i}", p, AUTO) for i, p in enumerate(prompts)] + [(f"s{i}", p, AUTO) for i, p in enumerate(prompts)]
+    done = run_all(eng, reqs, waves=3)
+    for i in range(len(prompts)):
+        assert done[f"r{i}"].token_ids == want[i] and done[f"s{i}"].token_ids == want[i]
+
+
+def test_choices_visible_in_usage_and_metrics() -> None:
+    """The decoder auto chose for each pass reaches the response's usage and Prometheus."""
+    from prometheus_client import CollectorRegistry
+
+    from server.api.usage import build_usage
+    from server.metrics import Metrics
+
+    model = _with_lora(3)
+    eng = make_engine(model)
+    eng.cost_model.pass_time = LinearTime(fixed=1.0, per_token=0.0)  # idle device: speculates
+    out = eng.generate(_prompts(5, 1), AUTO)[0]
+    st = out["stats"]
+    usage = build_usage(10, [len(out["token_ids"])], [st], "auto")
+    assert usage.forward_passes_by_decoder == st.passes_by_decoder
+    assert set(st.passes_by_decoder) >= {"ar"} and len(st.passes_by_decoder) >= 2
+    m = Metrics(registry=CollectorRegistry(), model_name="tiny")
+    m.on_request_finished(st, "length")
+    for decoder, kinds in st.passes_by_decoder.items():
+        for kind, n in kinds.items():
+            labels = dict(mode="auto", model="tiny", decoder=decoder, kind=kind)
+            assert m.registry.get_sample_value("nld_forward_passes_by_decoder_total", labels) == n
