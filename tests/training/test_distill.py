@@ -16,7 +16,8 @@ from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.model.loader import load_model
 from server.model.model import DenseAttention
-from server.model.tiny import tiny_nld_config, write_random_checkpoint
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import write_random_checkpoint
 from training.data import TokenData
 from training.distill import (KIND_CHAT, KIND_SAMPLED, distill, distill_noise, generate_trajectories, make_prompts,
                               parse_args, teacher_engine)
