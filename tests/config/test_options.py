@@ -81,7 +81,7 @@ def test_types_from_every_source(tmp_path: Path) -> None:
         ("port: 70000\n", "port: must be <= 65535, got 70000"),
         ("gpu_memory_utilization: 0\n", "gpu_memory_utilization: must be > 0, got 0.0"),
         ("dtype: fp8\n", "dtype: must be one of auto, float32, float16, bfloat16, got 'fp8'"),
-        ("default_mode: fast\n", "default_mode: must be one of ar, diffusion, self_spec, got 'fast'"),
+        ("default_mode: fast\n", "default_mode: must be one of ar, diffusion, self_spec, auto, got 'fast'"),
         ("device: tpu\n", "device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ("log_level: loud\n", "log_level: must be one of"),
         ("served_model_name: []\n", "served_model_name: expected a non-empty string or list"),
