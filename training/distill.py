@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -58,6 +57,7 @@ from server.model.model import DecoderModel, DenseAttention
 from training.data import BatchSampler, TokenData, eval_windows
 from training.objective import NoisedBatch, causal_mask, sbd_block_diff_mask
 from training.tokenizer import ASSISTANT_ID
+from training.train import atomic_save
 
 KIND_GREEDY, KIND_SAMPLED, KIND_CHAT = 0, 1, 2
 EXPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -346,13 +346,6 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
 # ----------------------------------------------------------------------------- main loop
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def export(model: DecoderModel, model_dir: Path, out: Path) -> Path:
     """bf16 weights with the source model's config.json and tokenizer/generation files."""
     final = out / "final"
@@ -468,7 +461,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         return row
 
     def save_state() -> None:
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "train_seconds": train_seconds,
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "train_seconds": train_seconds,
                       "sampler": sampler.state(), "rng": rng.bit_generator.state, "noise_gen": noise_gen.get_state(),
                       "block_rng": block_rng.getstate(), "args": vars(args)}, ckpt_path)
 

@@ -229,7 +229,8 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -312,7 +313,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return train_seconds >= budget or bool(args.max_tokens and tokens >= args.max_tokens)
 
     def save_state() -> None:
-        _atomic_save({
+        atomic_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
             "train_seconds": train_seconds, "config": cfg, "args": vars(args), "sampler": sampler.state(),
             "noise_gen": noise_gen.get_state(), "block_rng": block_rng.getstate(),
