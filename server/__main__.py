@@ -68,15 +68,7 @@ def cmd_generate(argv: list[str]) -> int:
             SamplingParams(
                 max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
             ),
-            DecodeParams(
-                mode=args.mode or settings.default_mode,
-                refine_steps=args.refine_steps,
-                block_length=args.block_length,
-                threshold=args.threshold,
-                policy=args.policy,
-                draft_length=args.draft_length,
-                variant=args.variant,
-            ),
+            DecodeParams.from_fields(args.mode or settings.default_mode, args),
         )
         out = engine.generate([ids], params)[0]
     except ValueError as exc:

@@ -125,15 +125,7 @@ def build_options(
             controls=logit_controls(request),
             grammar=tool_call.grammar if tool_call else grammar_of_response_format(extra.get("response_format")),
         )
-        decode = DecodeParams(
-            mode=mode,
-            refine_steps=request.refine_steps,
-            block_length=request.block_length,
-            threshold=request.threshold,
-            policy=request.policy,
-            draft_length=request.draft_length,
-            variant=request.variant,
-        )
+        decode = DecodeParams.from_fields(mode, request)
     except ParamError as exc:
         param = exc.param
         if param == "logprobs" and isinstance(request, ChatCompletionRequest):

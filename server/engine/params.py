@@ -11,7 +11,7 @@ OpenAI ``param`` field; each rule is written once, here or in the mode that owns
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import ClassVar, TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
     from server.engine.grammar import GrammarSpec
@@ -191,6 +191,16 @@ class DecodeParams:
     def __post_init__(self) -> None:
         for name, value in self.knobs().items():
             check_knob(name, value)
+
+    # the knobs a caller may set (seed_first_position is internal: the reference tests' switch)
+    CALLER_KNOBS: ClassVar[tuple[str, ...]] = (
+        "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant",
+    )
+
+    @classmethod
+    def from_fields(cls, mode: str, source: Any) -> "DecodeParams":
+        """The caller knobs read by name from ``source`` (an API request, parsed CLI arguments)."""
+        return cls(mode=mode, **{name: getattr(source, name) for name in cls.CALLER_KNOBS})
 
     def knobs(self) -> dict[str, Any]:
         """The knobs this request sets."""
