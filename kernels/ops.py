@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from dataclasses import replace
+from types import ModuleType
 
 import torch
 
@@ -37,7 +39,7 @@ from kernels.reference import (
 
 __all__ = [
     "AttentionMetadata", "paged_attention", "store_kv", "rms_norm", "rotary_qk", "silu_mul", "triton_available",
-    "use_triton",
+    "use_triton", "fused_ops",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,6 +65,17 @@ def use_triton(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return os.environ.get("NLD_FORCE_TRITON", "0") == "1"
+
+
+def fused_ops(device: torch.device) -> ModuleType:
+    """The elementwise ops (``rms_norm``, ``rotary_qk``, ``silu_mul``) the model's fused path
+    uses for tensors on ``device``: this module where the Triton kernels run, else
+    ``kernels.cpu_ops`` (the same math without per-call argument checks)."""
+    if use_triton(device):
+        return sys.modules[__name__]
+    from kernels import cpu_ops
+
+    return cpu_ops
 
 
 def _require_triton(device: torch.device) -> None:

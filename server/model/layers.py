@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -41,9 +42,13 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            # fused path (inference): one kernel for silu(gate) * up, fp32 math
-            return self.down_proj(kernel_ops.silu_mul(self.gate_up_proj(x)))
+            return self.forward_fused(x, kernel_ops)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        """After ``fuse_projections``: one gate/up GEMM and ``ops.silu_mul`` (fp32 math)."""
+        assert self.gate_up_proj is not None
+        return F.linear(ops.silu_mul(F.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

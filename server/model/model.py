@@ -14,10 +14,12 @@ its features replace the embeddings of image placeholder rows (``ImageFeatures``
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kernels import ops as kernel_ops
 from server.model.config import ModelConfig
@@ -98,22 +100,33 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: AttentionContext, lora_rows: torch.Tensor | None) -> torch.Tensor:
+        if self.qkv_proj is not None:
+            return self.forward_fused(x, rope, ctx, lora_rows, kernel_ops)
         lead = x.shape[:-1]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            q = qkv[..., : hq * d].view(*lead, hq, d)
-            k = qkv[..., hq * d : (hq + hkv) * d].view(*lead, hkv, d)
-            v = qkv[..., (hq + hkv) * d :].view(*lead, hkv, d)
-            # fused path (inference): q and k rotated in one kernel, read from the strided views
-            q, k = kernel_ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
-        else:
-            q = self.q_proj(x).view(*lead, hq, d)
-            k = self.k_proj(x).view(*lead, hkv, d)
-            v = self.v_proj(x).view(*lead, hkv, d)
-            q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
-        attn = ctx.attend(self.layer, q, k, v).reshape(*lead, self.num_heads * self.head_dim)
-        out = self.o_proj(attn)
+        q = self.q_proj(x).view(*lead, hq, d)
+        k = self.k_proj(x).view(*lead, hkv, d)
+        v = self.v_proj(x).view(*lead, hkv, d)
+        q, k = apply_rotary(q, rope.cos_q, rope.sin_q), apply_rotary(k, rope.cos, rope.sin)
+        return self._output(ctx.attend(self.layer, q, k, v), lora_rows)
+
+    def forward_fused(self, x: torch.Tensor, rope: "RopeTables", ctx: AttentionContext, lora_rows: torch.Tensor | None,
+                      ops: ModuleType) -> torch.Tensor:
+        """After ``fuse_projections``: one QKV GEMM, q and k rotated by ``ops.rotary_qk`` (one
+        kernel on the GPU), read from strided views of the GEMM's output."""
+        assert self.qkv_proj is not None
+        lead = x.shape[:-1]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_proj.weight)
+        q = qkv[..., : hq * d].view(*lead, hq, d)
+        k = qkv[..., hq * d : (hq + hkv) * d].view(*lead, hkv, d)
+        v = qkv[..., (hq + hkv) * d :].view(*lead, hkv, d)
+        q, k = ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
+        return self._output(ctx.attend(self.layer, q, k, v), lora_rows)
+
+    def _output(self, attn: torch.Tensor, lora_rows: torch.Tensor | None) -> torch.Tensor:
+        attn = attn.reshape(*attn.shape[:-2], self.num_heads * self.head_dim)
+        out = F.linear(attn, self.o_proj.weight)
         if self.draft_lora is not None and lora_rows is not None:
             out = out + self.draft_lora(attn) * lora_rows[..., None].to(out.dtype)
         return out
@@ -131,16 +144,17 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx, lora_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x, residual, rope, ctx, lora_rows):  # type: ignore[no-untyped-def]
+    def forward_fused(self, x, residual, rope, ctx, lora_rows, ops):  # type: ignore[no-untyped-def]
         """The fused-kernel form of ``forward``: the hidden state is carried as ``x + residual``
-        (``residual`` None: just ``x``) and each residual add is fused into the next RMSNorm.
-        Returns ``(x, residual)`` of the layer output. Same math: the adds are the same fp
-        additions (``a + b == b + a``), only the RMS reduction order may differ."""
+        (``residual`` None: just ``x``) and each residual add is fused into the next RMSNorm;
+        ``ops`` is ``kernels.ops.fused_ops(device)``. Returns ``(x, residual)`` of the layer
+        output. Same math: the adds are the same fp additions (``a + b == b + a``), only the
+        RMS reduction order may differ."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        h, residual = kernel_ops.rms_norm(x, norm1.weight, norm1.eps, residual)
-        a = self.self_attn(h, rope, ctx, lora_rows)
-        h, residual = kernel_ops.rms_norm(a, norm2.weight, norm2.eps, residual)
-        return self.mlp(h), residual
+        h, residual = ops.rms_norm(x, norm1.weight, norm1.eps, residual)
+        a = self.self_attn.forward_fused(h, rope, ctx, lora_rows, ops)
+        h, residual = ops.rms_norm(a, norm2.weight, norm2.eps, residual)
+        return self.mlp.forward_fused(h, ops), residual
 
 
 class DecoderModel(nn.Module):
@@ -181,10 +195,11 @@ class DecoderModel(nn.Module):
             flat = x.reshape(-1, x.shape[-1]).index_copy(0, image_features.rows, image_features.features.to(x.dtype))
             x = flat.view(x.shape)
         if self.fused_kernels:
+            ops = kernel_ops.fused_ops(x.device)
             residual = None
             for layer in self.layers:
-                x, residual = layer.forward_fused(x, residual, rope, ctx, lora_rows)
-            return kernel_ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
+                x, residual = layer.forward_fused(x, residual, rope, ctx, lora_rows, ops)
+            return ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
         for layer in self.layers:
             x = layer(x, rope, ctx, lora_rows)
         return self.norm(x)

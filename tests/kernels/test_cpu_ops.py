@@ -1,0 +1,78 @@
+"""``kernels.cpu_ops`` (the fused model path's unchecked CPU ops) against ``kernels.reference``,
+and the model's fused path on the CPU against its unfused form."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kernels import cpu_ops, reference
+from kernels import ops as kernel_ops
+from server.model.model import DenseAttention
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.tiny_models import random_model
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_reference_on_strided_views(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, t = 6, 2, 16, 5
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    cos, sin = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
+    for cos_q, sin_q in ((cos, sin), (cos * 1.5, sin * 1.5)):  # shared and separate query tables
+        got = cpu_ops.rotary_qk(q, k, cos_q, sin_q, cos, sin)
+        want = reference.rotary_qk_reference(q, k, cos_q, sin_q, cos, sin)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.is_contiguous()
+            torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, : hq * d].view(t, hq, d), q), "inputs untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_and_rms_norm_match_reference(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(3, 4, 40, generator=g).to(dtype)
+    got, want = cpu_ops.silu_mul(gate_up), reference.silu_mul_reference(gate_up)
+    assert got.dtype == dtype and got.shape == (3, 4, 20)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    x, res, w = (torch.randn(3, 24, generator=g).to(dtype) for _ in range(3))
+    for r in (None, res):
+        for a, b in zip(cpu_ops.rms_norm(x, w[0], 1e-6, r), reference.rms_norm_reference(x, w[0], 1e-6, r)):
+            assert torch.equal(a, b)
+
+
+def test_fused_ops_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NLD_FORCE_TRITON", raising=False)
+    assert kernel_ops.fused_ops(torch.device("cpu")) is cpu_ops
+    monkeypatch.setenv("NLD_FORCE_TRITON", "1")
+    assert kernel_ops.fused_ops(torch.device("cpu")) is kernel_ops
+
+
+@pytest.mark.parametrize("start", [0, 16380, 30000])  # below / across / above the YaRN + Llama-4 query scale
+def test_fused_model_on_cpu_matches_unfused(start: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NLD_FORCE_TRITON", raising=False)
+    model = random_model(tiny_nld_config(), seed=3)
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    calls = {"n": 0}
+    original = cpu_ops.rotary_qk
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(cpu_ops, "rotary_qk", spy)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(start))
+    pos = torch.arange(start, start + 9).expand(2, 9)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    with torch.no_grad():
+        a = model.compute_logits(model(ids, pos, DenseAttention(mask)))
+        b = fused.compute_logits(fused(ids, pos, DenseAttention(mask)))
+    assert calls["n"] == model.config.num_layers, "the fused path ran through kernels.cpu_ops"
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
