@@ -13,7 +13,8 @@ drives the server with ``python -m server bench`` (streaming /v1/completions, 12
 ``ignore_eos``, all requests queued at once under a concurrency cap) at each concurrency,
 and prints a table with the ratio ours / vllm of output tokens/s.
 
-The spec ``offline`` runs our engine without HTTP (``LLMEngine.generate``, at most C
+A spec suffix ``:tN`` (``ours:t2``, ``offline@DIR:t1``) sets our engine's ``--cpu-threads``
+(default: the engine's own choice). The spec ``offline`` runs our engine without HTTP (``LLMEngine.generate``, at most C
 requests running) on the same prompts, for the server-vs-offline overhead. A spec
 ``ours@DIR`` (or ``offline@DIR``) serves another checkout of this project (e.g. the main branch
 as a before/after baseline), with ``DIR`` on PYTHONPATH. Default model: the SmolLM2-135M-
@@ -83,8 +84,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def split_threads(spec: str) -> tuple[str, int | None]:
+    """``"ours@DIR:t2"`` -> ``("ours@DIR", 2)``; no suffix -> ``(spec, None)``."""
+    base, sep, n = spec.rpartition(":t")
+    return (base, int(n)) if sep and n.isdigit() else (spec, None)
+
+
 def server_command(spec: str, model: str, dtype: str, port: int, vllm_py: Path | None) -> tuple[list[str], dict]:
     env = dict(os.environ)
+    spec, threads = split_threads(spec)
     if spec == "vllm":
         assert vllm_py is not None
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
@@ -96,6 +104,8 @@ def server_command(spec: str, model: str, dtype: str, port: int, vllm_py: Path |
     env["PYTHONPATH"] = root
     cmd = [sys.executable, "-m", "server", "--model", model, "--dtype", dtype, "--device", "cpu",
            "--port", str(port), "--max-model-len", "2048", "--log-level", "warning"]
+    if threads is not None:
+        cmd += ["--cpu-threads", str(threads)]
     return cmd, env
 
 
@@ -128,7 +138,8 @@ def run_bench(base: str, concurrency: int, num_prompts: int, max_tokens: int, ou
     return json.loads((out / "result.json").read_text())["runs"][0]["summary"]
 
 
-def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int, code: str) -> None:
+def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int, code: str,
+                   threads: int | None) -> None:
     """The offline engine (``LLMEngine.generate``, no HTTP) on the bench's prompts with at most
     ``concurrency`` running at once; prints a bench-like summary as one JSON line."""
     sys.path.insert(0, code)
@@ -138,7 +149,7 @@ def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, m
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
 
     engine = LLMEngine.from_pretrained(EngineConfig(model=model, dtype=dtype, device="cpu", max_model_len=2048,
-                                                    max_num_seqs=concurrency))
+                                                    max_num_seqs=concurrency, cpu_threads=threads))
     prompts = builtin_prompts()
     ids = [engine.tokenizer.encode(prompts[i % len(prompts)].text()) for i in range(num_prompts)]
     params = RequestParams(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), DecodeParams(mode="ar"))
@@ -153,9 +164,12 @@ def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, m
 
 
 def run_offline(spec: str, model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int) -> dict:
+    spec, threads = split_threads(spec)
     code = spec.split("@", 1)[1] if "@" in spec else str(REPO)
     cmd = [sys.executable, __file__, "--offline-worker", "--model", model, "--dtypes", dtype, "--concurrency",
            str(concurrency), "--num-prompts", str(num_prompts), "--max-tokens", str(max_tokens), "--code", code]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": code})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -179,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts-c1", type=int, default=None, help="requests at concurrency 1 (default: --num-prompts)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--servers", default="ours,vllm",
-                   help="comma list of ours, ours@DIR, offline, offline@DIR, vllm (run in this order)")
+                   help="comma list of ours, ours@DIR, offline, offline@DIR, vllm (run in this order); "
+                        "a :tN suffix sets our --cpu-threads")
     p.add_argument("--rounds", type=int, default=1, help="repeat the server alternation this many times")
     p.add_argument("--vllm-venv", default="/work/venvs/vllm-cpu")
     p.add_argument("--idle-threshold", type=float, default=0.15, help="busy fraction below which the machine is idle")
@@ -187,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code", default=str(REPO), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.offline_worker:
-        offline_worker(args.model, args.dtypes, int(args.concurrency), args.num_prompts, args.max_tokens, args.code)
+        offline_worker(args.model, args.dtypes, int(args.concurrency), args.num_prompts, args.max_tokens, args.code,
+                       args.threads)
         return 0
 
     if args.model is None:
@@ -207,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         for rnd in range(args.rounds):
             for spec in servers:
-                if spec.split("@")[0] == "offline":
+                if split_threads(spec)[0].split("@")[0] == "offline":
                     for c in conc:
                         n = args.num_prompts_c1 if (c == 1 and args.num_prompts_c1) else args.num_prompts
                         busy = wait_idle(args.idle_threshold, args.idle_timeout)

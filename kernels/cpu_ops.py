@@ -6,6 +6,12 @@ step (tens of microseconds per call, 90 calls per step on a 30-layer model). The
 own fused path passes tensors it built itself, so on the CPU it calls these instead (see
 ``kernels.ops.fused_ops``). Same math as ``kernels.reference`` (fp32, results in the
 inputs' dtype); the rotary is written with fewer aten calls.
+
+GEMMs: bf16/fp16 weights can be reordered once into oneDNN's blocked layout
+(``prepack_linear_weight``); the GEMM then skips the per-call reorder (1.1-1.7x faster per
+projection at 1-256 rows on an AVX-512/AMX Xeon, bit-identical results; slower at 512 rows,
+so larger passes take the plain GEMM). fp32 weights stay dense: there the packed GEMM was
+slower at one row.
 """
 
 from __future__ import annotations
@@ -16,6 +22,33 @@ from torch.nn import functional as F
 from kernels.reference import rms_norm_reference
 
 rms_norm = rms_norm_reference
+
+
+def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a ``[N, K]`` weight for ``linear``, or None where packing does
+    not pay or cannot run (fp32, no oneDNN, a CPU without bf16/fp16 support)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(weight.dtype)
+    if supported is None or not supported():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # layout tuned for 16 rows; any count works
+
+
+# above this many rows the plain GEMM won again (0.6-1.0x at 512 rows, same machine)
+PACKED_MAX_ROWS = 256
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (no bias); through the ``packed`` copy of ``weight`` when given, for at
+    most ``PACKED_MAX_ROWS`` rows."""
+    rows = x.numel() // x.shape[-1]
+    if packed is None or rows > PACKED_MAX_ROWS:
+        return F.linear(x, weight)
+    lead = x.shape[:-1]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
+    return out.view(*lead, weight.shape[0])
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from kernels.reference import (
 
 __all__ = [
     "AttentionMetadata", "paged_attention", "store_kv", "rms_norm", "rotary_qk", "silu_mul", "triton_available",
-    "use_triton", "fused_ops",
+    "use_triton", "fused_ops", "linear",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,7 +68,7 @@ def use_triton(device: torch.device) -> bool:
 
 
 def fused_ops(device: torch.device) -> ModuleType:
-    """The elementwise ops (``rms_norm``, ``rotary_qk``, ``silu_mul``) the model's fused path
+    """The ops (``rms_norm``, ``rotary_qk``, ``silu_mul``, ``linear``) the model's fused path
     uses for tensors on ``device``: this module where the Triton kernels run, else
     ``kernels.cpu_ops`` (the same math without per-call argument checks)."""
     if use_triton(device):
@@ -302,6 +302,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _require_triton(gate_up.device)
     out = _elementwise().silu_mul_triton(_rows(gate_up))
     return out.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (no bias): the fused path's GEMM. ``packed`` (``kernels.cpu_ops``'s
+    oneDNN layout of the same weight) is not used here: the dense weight gives the same
+    result."""
+    return torch.nn.functional.linear(x, weight)
 
 
 def _elementwise():  # type: ignore[no-untyped-def]

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from kernels import ops as kernel_ops
+
 from server.config import EngineConfig
 from server.engine.client import QueueFullError
 from server.engine.cpu_threads import configure_cpu_threads
@@ -78,10 +80,12 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             configure_cpu_threads(config.cpu_threads)
-        # one GEMM for q/k/v and one for gate/up; on the CPU the fused elementwise ops are the
-        # PyTorch references, op for op the math of the unfused model
+        # one GEMM for q/k/v and one for gate/up; on the CPU the fused path's ops are
+        # kernels.cpu_ops (the references' math) and bf16/fp16 weights get oneDNN layouts
         if not model.fused_kernels:
             model.fuse_projections()
+            if not kernel_ops.use_triton(self.device):
+                model.prepack_cpu_weights()
         self.max_model_len = min(config.max_model_len or 8192, mc.max_position_embeddings)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_pages = -(-kv_tokens // config.page_size)

@@ -32,6 +32,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+        # set by DecoderModel.prepack_cpu_weights(): oneDNN layouts of the gate/up and down weights
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fuse_projections(self) -> None:
         """Replace gate/up by one fused projection (same math, one GEMM instead of two)."""
@@ -48,7 +50,9 @@ class SwiGLU(nn.Module):
     def forward_fused(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
         """After ``fuse_projections``: one gate/up GEMM and ``ops.silu_mul`` (fp32 math)."""
         assert self.gate_up_proj is not None
-        return F.linear(ops.silu_mul(F.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+        gate_up, down = self.packed or (None, None)
+        h = ops.silu_mul(ops.linear(x, self.gate_up_proj.weight, gate_up))
+        return ops.linear(h, self.down_proj.weight, down)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

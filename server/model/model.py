@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernels import cpu_ops
 from kernels import ops as kernel_ops
 from server.model.config import ModelConfig
 from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, llama4_query_scale
@@ -91,6 +92,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         self.draft_lora: LoraDelta | None = None  # applied only on draft rows (self-speculation)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections() (inference on GPU)
+        # set by DecoderModel.prepack_cpu_weights(): oneDNN layouts of the qkv and o weights
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fuse_projections(self) -> None:
         """Replace q/k/v by one fused projection (same math, one GEMM instead of three)."""
@@ -117,16 +120,19 @@ class Attention(nn.Module):
         assert self.qkv_proj is not None
         lead = x.shape[:-1]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, self.qkv_proj.weight)
+        packed = self.packed or (None, None)
+        qkv = ops.linear(x, self.qkv_proj.weight, packed[0])
         q = qkv[..., : hq * d].view(*lead, hq, d)
         k = qkv[..., hq * d : (hq + hkv) * d].view(*lead, hkv, d)
         v = qkv[..., (hq + hkv) * d :].view(*lead, hkv, d)
         q, k = ops.rotary_qk(q, k, rope.cos_q, rope.sin_q, rope.cos, rope.sin)
-        return self._output(ctx.attend(self.layer, q, k, v), lora_rows)
+        return self._output(ctx.attend(self.layer, q, k, v), lora_rows, ops, packed[1])
 
-    def _output(self, attn: torch.Tensor, lora_rows: torch.Tensor | None) -> torch.Tensor:
+    def _output(self, attn: torch.Tensor, lora_rows: torch.Tensor | None, ops: ModuleType | None = None,
+                packed_o: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj (through ``ops.linear`` on the fused path) and the draft adapter on its rows."""
         attn = attn.reshape(*attn.shape[:-2], self.num_heads * self.head_dim)
-        out = F.linear(attn, self.o_proj.weight)
+        out = self.o_proj(attn) if ops is None else ops.linear(attn, self.o_proj.weight, packed_o)
         if self.draft_lora is not None and lora_rows is not None:
             out = out + self.draft_lora(attn) * lora_rows[..., None].to(out.dtype)
         return out
@@ -173,6 +179,7 @@ class DecoderModel(nn.Module):
         self.vision = VisionEncoder(config.vision) if config.vision is not None else None
         # set by fuse_projections(): residual adds fused into the RMSNorm kernels
         self.fused_kernels = False
+        self.packed_head: torch.Tensor | None = None  # set by prepack_cpu_weights()
 
     @property
     def has_draft_lora(self) -> bool:
@@ -226,6 +233,23 @@ class DecoderModel(nn.Module):
             layer.mlp.fuse_projections()
         self.fused_kernels = True
 
+    def prepack_cpu_weights(self) -> None:
+        """After ``fuse_projections``, on the CPU: keep oneDNN-blocked copies of the projection
+        and head weights where ``kernels.cpu_ops`` says they pay (bf16/fp16); the dense
+        weights stay (training, the embedding a tied head shares). Same results."""
+        assert self.fused_kernels, "fuse_projections() first"
+        pack = cpu_ops.prepack_linear_weight
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.qkv_proj is not None and mlp.gate_up_proj is not None
+            qkv, o = pack(attn.qkv_proj.weight), pack(attn.o_proj.weight)
+            attn.packed = (qkv, o) if qkv is not None and o is not None else None
+            gu, down = pack(mlp.gate_up_proj.weight), pack(mlp.down_proj.weight)
+            mlp.packed = (gu, down) if gu is not None and down is not None else None
+        self.packed_head = pack(self.head.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the given hidden rows."""
+        if self.packed_head is not None:
+            return cpu_ops.linear(hidden, self.head.weight, self.packed_head).float()
         return self.head(hidden).float()

@@ -76,3 +76,37 @@ def test_fused_model_on_cpu_matches_unfused(start: int, monkeypatch: pytest.Monk
         b = fused.compute_logits(fused(ids, pos, DenseAttention(mask)))
     assert calls["n"] == model.config.num_layers, "the fused path ran through kernels.cpu_ops"
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_linear_equals_dense() -> None:
+    g = torch.Generator().manual_seed(4)
+    w32 = torch.randn(48, 40, generator=g)
+    assert cpu_ops.prepack_linear_weight(w32) is None, "fp32 stays dense"
+    w = w32.bfloat16()
+    packed = cpu_ops.prepack_linear_weight(w)
+    if packed is None:
+        pytest.skip("this CPU/torch has no oneDNN bf16 GEMM")
+    for shape in ((1, 40), (7, 40), (2, 3, 40), (cpu_ops.PACKED_MAX_ROWS + 1, 40)):
+        x = torch.randn(*shape, generator=g).bfloat16()
+        got = cpu_ops.linear(x, w, packed)
+        assert got.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(got.float(), torch.nn.functional.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_model_bf16_with_packed_weights_matches_unpacked() -> None:
+    """The engine packs bf16 weights on the CPU; logits through them equal the dense GEMMs'."""
+    model = random_model(tiny_nld_config(), seed=5).to(torch.bfloat16)
+    packed = copy.deepcopy(model)
+    model.fuse_projections()
+    packed.fuse_projections()
+    packed.prepack_cpu_weights()
+    if packed.packed_head is None:
+        pytest.skip("this CPU/torch has no oneDNN bf16 GEMM")
+    assert all(layer.self_attn.packed and layer.mlp.packed for layer in packed.layers)
+    ids = torch.randint(0, 300, (11,), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(11, 11, dtype=torch.bool).tril()
+    with torch.no_grad():
+        a = model.compute_logits(model(ids, torch.arange(11), DenseAttention(mask)))
+        b = packed.compute_logits(packed(ids, torch.arange(11), DenseAttention(mask)))
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
