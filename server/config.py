@@ -27,7 +27,7 @@ class EngineConfig:
     default_mode: str = "ar"
     default_refine_steps: int | None = None
     use_cuda_graphs: bool = True
-    cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = usable cores - 1 (min 1)
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = all usable cores
 
     def __post_init__(self) -> None:
         if self.page_size < 1:

@@ -155,7 +155,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_mode", str, "ar", "decoding mode of requests that name none", BOTH),
     Option("default_refine_steps", int, None, "diffusion refine steps of requests that give none", BOTH,
            minimum=1, nullable=True),
-    Option("cpu_threads", int, None, "torch intra-op threads on the CPU (default: usable cores - 1, at least 1)",
+    Option("cpu_threads", int, None, "torch intra-op threads on the CPU (default: all usable cores; fewer on a machine shared with other busy processes)",
            BOTH, minimum=1, nullable=True),
     # --- the HTTP server (serve) ---------------------------------------------------------
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 in a container)"),

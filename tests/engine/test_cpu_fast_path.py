@@ -166,10 +166,11 @@ def test_engine_fast_path_logits_equal_reference(which: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_threads_default_leaves_a_core() -> None:
+def test_cpu_threads_default_uses_every_core() -> None:
     assert default_cpu_threads(1) == 1
-    assert default_cpu_threads(2) == 1
-    assert default_cpu_threads(16) == 15
+    assert default_cpu_threads(2) == 2
+    assert default_cpu_threads(16) == 16
+    assert default_cpu_threads(0) == 1
     before = torch.get_num_threads()
     try:
         assert configure_cpu_threads(1) == 1 and torch.get_num_threads() == 1
