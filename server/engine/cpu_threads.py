@@ -6,8 +6,9 @@ tokenizer, another process) takes one of the team's cores, the whole GEMM waits 
 Measured on an idle 2-core machine (docs/benchmarks.md) the event loop is light enough
 (about 2% of a core at 16 streams) that a team on every core still wins: 1.5-1.8x the
 serving throughput of one thread at concurrency 1 and 16, fp32 and bf16. So by default the
-engine uses every usable core; on a machine shared with other busy processes fewer threads
-(``EngineConfig.cpu_threads``, ``--cpu-threads``) avoid the barrier stalls.
+engine uses every usable core (or ``OMP_NUM_THREADS`` where the environment sets it); on a
+machine shared with other busy processes fewer threads (``EngineConfig.cpu_threads``,
+``--cpu-threads``) avoid the barrier stalls.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def usable_cores() -> int:
 
 
 def default_cpu_threads(cores: int | None = None) -> int:
-    """All usable cores (at least one)."""
+    """``OMP_NUM_THREADS`` when the environment sets it to a positive count (Ray workers,
+    the deploy manifests, container runtimes), else all usable cores (at least one)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, cores if cores is not None else usable_cores())
 
 

@@ -166,7 +166,10 @@ def test_engine_fast_path_logits_equal_reference(which: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_threads_default_uses_every_core() -> None:
+def test_cpu_threads_default_uses_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_cpu_threads(16) == 3, "an explicit OMP_NUM_THREADS wins"
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
     assert default_cpu_threads(1) == 1
     assert default_cpu_threads(2) == 2
     assert default_cpu_threads(16) == 16
