@@ -191,8 +191,7 @@ class AsyncEngine:
             except Exception:
                 logger.exception("engine step failed; failing its requests and continuing")
                 outputs = self._fail_all(engine)
-            for out in outputs:
-                self._deliver(out)
+            self._deliver_all(outputs)
 
     def _die(self, reason: str, exc: BaseException) -> None:
         """Record ``reason``, end every in-flight request with an error, notify ``on_fatal``."""
@@ -248,14 +247,27 @@ class AsyncEngine:
         return outputs
 
     def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if target is None:
-            return
-        loop, q = target
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, out)
-        except RuntimeError:  # the client's loop is gone
-            pass
+        self._deliver_all([out])
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop per step, not
+        one per request (each wake-up is a self-pipe write and a loop iteration that compete
+        with the engine's intra-op threads for the CPU)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the client's loop is gone
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _one_line(exc: BaseException) -> str:
