@@ -43,12 +43,10 @@ PACKED_MAX_ROWS = 256
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T`` (no bias); through the ``packed`` copy of ``weight`` when given, for at
     most ``PACKED_MAX_ROWS`` rows."""
-    rows = x.numel() // x.shape[-1]
-    if packed is None or rows > PACKED_MAX_ROWS:
+    if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return F.linear(x, weight)
-    lead = x.shape[:-1]
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
-    return out.view(*lead, weight.shape[0])
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:

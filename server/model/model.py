@@ -19,7 +19,6 @@ from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from kernels import cpu_ops
 from kernels import ops as kernel_ops
