@@ -4,7 +4,7 @@ On the CPU the engine thread's GEMMs fan out to torch's OpenMP team, and every m
 the team must reach each barrier: when another busy thread (the HTTP event loop, a
 tokenizer, another process) takes one of the team's cores, the whole GEMM waits for it.
 Measured on an idle 2-core machine (docs/benchmarks.md) the event loop is light enough
-(about 2% of a core at 16 streams) that a team on every core still wins: 1.5-1.8x the
+(about 2% of a core at 16 streams) that a team on every core still wins: 1.5-1.6x the
 serving throughput of one thread at concurrency 1 and 16, fp32 and bf16. So by default the
 engine uses every usable core (or ``OMP_NUM_THREADS`` where the environment sets it); on a
 machine shared with other busy processes fewer threads (``EngineConfig.cpu_threads``,
