@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kernels.reference import rms_norm_reference
+from kernels.reference import rms_norm_reference, silu_mul_reference
 
 rms_norm = rms_norm_reference
+silu_mul = silu_mul_reference
 
 
 def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -71,10 +72,3 @@ def rotary_qk(
     signed = _signed_sin(sin)
     signed_q = signed if sin_q is sin else _signed_sin(sin_q)
     return _rotate(q, cos_q, signed_q), _rotate(k, cos, signed)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """As ``kernels.ops.silu_mul``: ``silu(g) * u`` over the halves of the last dimension."""
-    n = gate_up.shape[-1] // 2
-    out = F.silu(gate_up[..., :n].float()).mul_(gate_up[..., n:])
-    return out if out.dtype == gate_up.dtype else out.to(gate_up.dtype)
