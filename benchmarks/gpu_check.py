@@ -110,6 +110,21 @@ def make_case(
     }
 
 
+def case_args(case: dict[str, Any], device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple:
+    """``(q, k, v, k_cache, v_cache, meta)`` of a case, optionally copied to ``device`` with the
+    floating tensors cast to ``dtype`` (the reference runs on CPU fp32 copies)."""
+    from kernels.attention_metadata import AttentionMetadata
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device) if device is not None else t
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    tensors = tuple(move(case[k]) for k in ("q", "k", "v", "k_cache", "v_cache"))
+    meta = AttentionMetadata(*(move(case[k]) for k in ("block_tables", "context_lens", "query_start_loc", "causal")),
+                             max_query_len=case["max_query_len"])
+    return (*tensors, meta)
+
+
 def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
     from kernels.block_attention import block_attention
     from kernels.kv_store import kv_store
@@ -130,10 +145,9 @@ def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
     for dtype in dtypes:
         for name, specs, hq, hkv, page, splits in cases:
             case = make_case(specs, hq, hkv, d, page, dtype, device)
-            args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
             poison_allocator(device)
-            out = block_attention(*args, d**-0.5, case["max_query_len"], num_splits=splits, autotune=False)
-            ref = paged_attention_reference(*[a.cpu() if a.dtype != dtype else a.float().cpu() for a in args], d**-0.5)
+            out = block_attention(*case_args(case), d**-0.5, num_splits=splits, autotune=False)
+            ref = paged_attention_reference(*case_args(case, torch.device("cpu"), torch.float32), d**-0.5)
             err = (out.float().cpu() - ref.float()).abs().max().item()
             ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
             results.append({"kernel": "paged_attention", "case": name, "dtype": str(dtype), "max_abs_err": err, "ok": ok})
@@ -258,24 +272,24 @@ def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, 
     rows, checks = [], []
     for name, (batch, prefix, qlen, causal) in shapes.items():
         case = make_case([(prefix, qlen, causal)] * batch, hq, hkv, d, 16, dtype, device)
-        args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
+        args = case_args(case)
         t_tune = time.time()
-        ours = timeit(lambda: paged_attention(*args, d**-0.5, case["max_query_len"]), device)  # 1st call tunes (CUDA)
+        ours = timeit(lambda: paged_attention(*args, d**-0.5), device)  # 1st call tunes (CUDA)
         t_tune = time.time() - t_tune
         # the launch the Triton path makes (on CUDA: the tuned pick; reduced/CPU: the fixed default)
         plan = plan_launch(case["q"], case["k"], case["k_cache"], case["block_tables"], case["max_query_len"])
         launch = {"kernel": plan.kernel, "num_splits": plan.num_splits, "block_m": plan.block_m, "config": str(plan.config), "tuned": plan.tuned}
         if device.type == "cuda":
-            default = timeit(lambda: block_attention(*args, d**-0.5, case["max_query_len"], autotune=False), device)
+            default = timeit(lambda: block_attention(*args, d**-0.5, autotune=False), device)
             launch["default_ms"] = default * 1e3
             poison_allocator(device)
-            out = paged_attention(*args, d**-0.5, case["max_query_len"])
+            out = paged_attention(*args, d**-0.5)
             expected = paged_attention_reference(*args, d**-0.5)
             err = (out.float() - expected.float()).abs().max().item()
             ok = bool(torch.isfinite(out).all()) and err <= 3e-2
             checks.append({"kernel": "paged_attention (tuned)", "case": f"{name} {launch['config']}", "dtype": str(dtype), "max_abs_err": err, "ok": ok})
             del out, expected
-            checks.append(sync_free_check("paged_attention (tuned)", name, dtype, lambda: paged_attention(*args, d**-0.5, case["max_query_len"])))
+            checks.append(sync_free_check("paged_attention (tuned)", name, dtype, lambda: paged_attention(*args, d**-0.5)))
         # SDPA over dense, contiguous K/V (prefix + segment) per sequence: its best case
         kv_len = prefix + qlen
         qd = torch.randn(batch, hq, qlen, d, dtype=dtype, device=device)
@@ -317,11 +331,11 @@ def tuning_smoke(device: torch.device) -> list[dict[str, Any]]:
     from kernels.tuner import time_launch
 
     case = make_case([(40, 1, True), (20, 1, True)], 4, 2, 16, 16, torch.float32, device)
-    args = [case[k] for k in ("q", "k", "v", "k_cache", "v_cache", "block_tables", "context_lens", "query_start_loc", "causal")]
+    args = case_args(case)
     timer = ATTENTION_TUNER.timer
     ATTENTION_TUNER.timer = functools.partial(time_launch, reps=1, rounds=1)
     try:
-        out = block_attention(*args, 16**-0.5, 1, num_splits=1, autotune=True)
+        out = block_attention(*args, 16**-0.5, num_splits=1, autotune=True)
     finally:
         ATTENTION_TUNER.timer = timer
     err = (out - paged_attention_reference(*args, 16**-0.5)).abs().max().item()
@@ -376,10 +390,13 @@ def build_model(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype): 
 
 
 def time_model_steps(device: torch.device, reduced: bool, bandwidth: float, unfused_baseline: bool = True) -> list[dict[str, Any]]:
-    from server.engine.params import RequestParams
-    from server.engine.request import Request, Work
+    from server.engine.modes.diffusion import DENOISE
+    from server.engine.modes.self_spec import VERIFY
+    from server.engine.params import ModeParams, ResolvedParams, SamplingParams
+    from server.engine.request import Request
     from server.engine.runner import ModelRunner
     from server.engine.sampler import RowSpec, select_tokens
+    from server.engine.work import DECODE, Work
 
     cfg = model_config_dict(reduced)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -392,9 +409,9 @@ def time_model_steps(device: torch.device, reduced: bool, bandwidth: float, unfu
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed_tokens.weight")
     kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
     kinds = {
-        "ar_decode": Work("decode", [5], True, [0]),
-        "denoise_32": Work("denoise", [100] * block, False, list(range(block))),
-        "verify_32": Work("verify", [5] * block, True, list(range(block))),
+        "ar_decode": Work(DECODE, [5], [0]),
+        "denoise_32": Work(DENOISE, [100] * block, list(range(block))),
+        "verify_32": Work(VERIFY, [5] * block, list(range(block))),
     }
 
     def make_runner(graph_batches: tuple[int, ...], graph_lens: tuple[int, ...]) -> ModelRunner:
@@ -408,7 +425,8 @@ def time_model_steps(device: torch.device, reduced: bool, bandwidth: float, unfu
         work = kinds[kind]
         reqs = []
         for s in range(b):
-            r = Request(f"r{s}", [1] * prefix, RequestParams(), seed=s, stop_ids=frozenset(), max_model_len=prefix + block + 1)
+            r = Request(f"r{s}", [1] * prefix, ResolvedParams(SamplingParams(), ModeParams("ar")), seed=s, stop_ids=frozenset(),
+                        max_model_len=prefix + block + 1)
             r.num_computed = prefix
             r.table.pages = list(range(s * pages_per_seq, (s + 1) * pages_per_seq))
             reqs.append(r)

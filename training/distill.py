@@ -1,7 +1,7 @@
 """Self-distillation: make block diffusion and self-speculation of a trained model faster.
 
     python -m training.distill --model server/default_model --data RUN/data.npz --out DIR \
-        [--rows 2000] [--minutes 50] [--threads 1]
+        [--rows 2000] [--minutes 50] [--threads 1] [--device cuda] [--keep-best]
 
 Why it works: the model's own greedy AR continuation is a deterministic function of the
 context, so a block of it can be predicted in parallel once the model has learnt to; real
@@ -25,6 +25,10 @@ text cannot (many continuations are plausible, hence the low denoising confidenc
 3. **Export** (``DIR/final/``): bf16 weights with the source model's config and tokenizer
    files, copied unchanged.
 
+Training steps run on ``--device`` (a GPU makes a round minutes instead of an hour); trajectory
+generation and the engine evaluations always run on the CPU engine. ``--keep-best`` also exports
+the evaluated weights with the longest held-out draft acceptance whose AR perplexity stays within
+``--best-ar-tolerance`` of the start's (``DIR/best``, ``DIR/best.json``), a guard for unattended runs.
 The run checkpoints to ``DIR/ckpt/last.pt`` every ``--ckpt-minutes`` and resumes from it
 automatically; ``DIR/log.jsonl`` holds the train/eval rows, ``DIR/curves.png`` the loss and
 TPF curves, ``DIR/summary.json`` the final numbers. Evaluations report held-out AR
@@ -87,11 +91,14 @@ class Trajectories:
         return len(self.tokens)
 
 
-def teacher_engine(model: DecoderModel, model_dir: str, seq_len: int, max_num_seqs: int = 64) -> LLMEngine:
-    """An engine around a private copy of ``model`` (the engine may fuse weights in place)."""
-    teacher = copy.deepcopy(model).eval()
-    cfg = EngineConfig(model=model_dir, max_model_len=max(2 * seq_len, 256), max_num_seqs=max_num_seqs,
-                       kv_cache_tokens=max_num_seqs * (seq_len + 64), enable_prefix_caching=False)
+def teacher_engine(model: DecoderModel, model_dir: str, seq_len: int, max_num_seqs: int = 64,
+                   cpu_threads: int | None = None) -> LLMEngine:
+    """An engine on the CPU around a private copy of ``model`` (the engine may fuse weights in
+    place; a model trained on a GPU is evaluated by the CPU engine, the tested reference path)."""
+    teacher = copy.deepcopy(model).to("cpu").eval()
+    cfg = EngineConfig(model=model_dir, device="cpu", max_model_len=max(2 * seq_len, 256), max_num_seqs=max_num_seqs,
+                       kv_cache_tokens=max_num_seqs * (seq_len + 64), enable_prefix_caching=False,
+                       cpu_threads=cpu_threads)
     return LLMEngine(teacher, cfg)
 
 
@@ -227,16 +234,18 @@ def draft_eval(model: DecoderModel, traj: Trajectories, block_size: int, mask_to
     masked-token CE, token accuracy, and the self_spec acceptance length a draft of
     ``block_size - 1`` would get (1 + leading correct drafts), exactly as the verifier counts."""
     model.eval()
+    device = next(model.parameters()).device
     seq_len = traj.tokens.shape[1]
-    mask = sbd_block_diff_mask(seq_len, block_size, "cpu")
+    mask = sbd_block_diff_mask(seq_len, block_size, device)
     gen = torch.Generator().manual_seed(0)
     ce_sum, n, correct, acc_lens = 0.0, 0, 0, []
     for i in range(0, len(traj), batch_size):
         x0 = torch.from_numpy(traj.tokens[i : i + batch_size])
         ts = torch.from_numpy(traj.target_start[i : i + batch_size])
-        noised = distill_noise(x0, ts, block_size, mask_token_id, 1.0, gen)
+        noised = distill_noise(x0, ts, block_size, mask_token_id, 1.0, gen).to(device)
+        x0 = x0.to(device)
         rows = x0.shape[0]
-        pos = torch.arange(seq_len)
+        pos = torch.arange(seq_len, device=device)
         hidden = model(torch.cat([noised.noisy, x0], 1), torch.cat([pos, pos]).expand(rows, 2 * seq_len), DenseAttention(mask))
         logits = model.compute_logits(hidden[:, :seq_len])
         ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
@@ -259,10 +268,11 @@ def draft_eval(model: DecoderModel, traj: Trajectories, block_size: int, mask_to
 def heldout_ar(model: DecoderModel, windows: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
     """Held-out AR cross-entropy and perplexity (plain causal forward)."""
     model.eval()
-    mask = causal_mask(windows.shape[1])
+    device = next(model.parameters()).device
+    mask = causal_mask(windows.shape[1], device)
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size]
+        x = windows[i : i + batch_size].to(device)
         total += float(ar_loss(model, x, mask)) * x[:, 1:].numel()
         count += x[:, 1:].numel()
     model.train()
@@ -291,7 +301,7 @@ def engine_eval(model: DecoderModel, model_dir: str, prompts: list[list[int]], m
                 block: int, threshold: float) -> dict[str, float]:
     """The engine's own figures for the current weights: diffusion TPF and agreement with AR
     greedy at (block, threshold), self_spec acceptance and TPF with draft block-1."""
-    engine = teacher_engine(model, model_dir, 256, max_num_seqs=len(prompts))
+    engine = teacher_engine(model, model_dir, 256, max_num_seqs=len(prompts), cpu_threads=torch.get_num_threads())
     ar = mode_stats(engine, prompts, max_tokens, mode="ar")
     diff = mode_stats(engine, prompts, max_tokens, mode="diffusion", block_length=block, threshold=threshold)
     spec = mode_stats(engine, prompts, max_tokens, mode="self_spec", draft_length=block - 1)
@@ -346,9 +356,9 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
 # ----------------------------------------------------------------------------- main loop
 
 
-def export(model: DecoderModel, model_dir: Path, out: Path) -> Path:
+def export(model: DecoderModel, model_dir: Path, out: Path, name: str = "final") -> Path:
     """bf16 weights with the source model's config.json and tokenizer/generation files."""
-    final = out / "final"
+    final = out / name
     cfg = json.loads((model_dir / "config.json").read_text())
     save_checkpoint(model, final, cfg, dtype=torch.bfloat16)
     for name in EXPORT_FILES:
@@ -368,7 +378,7 @@ def load_or_make_trajectories(args: argparse.Namespace, out: Path, model: Decode
     if train_path.is_file() and held_path.is_file():
         return Trajectories.load(train_path), Trajectories.load(held_path)
     t0 = time.perf_counter()
-    engine = teacher_engine(model, args.model, args.seq_len, args.gen_batch)
+    engine = teacher_engine(model, args.model, args.seq_len, args.gen_batch, cpu_threads=args.threads)
     held = generate_trajectories(engine, make_prompts(data, args.heldout_rows, args.seq_len, args.seed + 7, 0.0, 0.0, heldout=True),
                                  args.seq_len, args.seed + 7)
     held.save(held_path)
@@ -391,6 +401,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     model_dir = Path(args.model)
     data = TokenData.load(args.data)
     model = load_model(model_dir, dtype=torch.float32, progress=False)
@@ -399,9 +410,10 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.generate_only:
         return {"generated": len(traj)}
 
+    model.to(device)
     teacher = None
     if args.ar_target == "teacher":
-        teacher = load_model(model_dir, dtype=torch.float32, progress=False).eval()
+        teacher = load_model(model_dir, device=device, dtype=torch.float32, progress=False).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     model.train()
@@ -434,8 +446,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     eval_prompts = [p for p, _, _ in make_prompts(data, args.eval_prompts, 2 * args.eval_prompt_len + 2, args.seed + 11,
                                                   0.0, 0.0, heldout=True)]
     eval_prompts = [p[: args.eval_prompt_len] for p in eval_prompts]
-    masks = {b: sbd_block_diff_mask(args.seq_len, b) for b in set(args.block_sizes)}
-    causal = causal_mask(args.seq_len)
+    masks = {b: sbd_block_diff_mask(args.seq_len, b, device) for b in set(args.block_sizes)}
+    causal = causal_mask(args.seq_len, device)
     log_f = open(out / "log.jsonl", "a")
     budget = args.minutes * 60.0
 
@@ -460,6 +472,21 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         log(row)
         return row
 
+    def keep_if_best(row: dict[str, Any]) -> None:
+        """``--keep-best``: export to ``DIR/best`` the evaluated weights with the longest draft
+        acceptance among those whose held-out AR perplexity is within ``--best-ar-tolerance``
+        of the step-0 evaluation's (``DIR/best.json`` says which step)."""
+        if not args.keep_best:
+            return
+        evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+        base = next(r["ar_ppl"] for r in evals if r["step"] == 0)
+        info_path = out / "best.json"
+        best = json.loads(info_path.read_text()) if info_path.is_file() else None
+        if row["ar_ppl"] <= base * (1 + args.best_ar_tolerance) and (best is None or row["draft_accept_len"] > best["draft_accept_len"]):
+            export(model, model_dir, out, "best")
+            info_path.write_text(json.dumps({k: row[k] for k in ("step", "ar_ppl", "draft_accept_len", "diffusion_tpf",
+                                                                 "self_spec_accept_len")} | {"step0_ar_ppl": base}, indent=2) + "\n")
+
     def save_state() -> None:
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "train_seconds": train_seconds,
                       "sampler": sampler.state(), "rng": rng.bit_generator.state, "noise_gen": noise_gen.get_state(),
@@ -467,6 +494,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
 
     if step == 0:
         first = evaluate_now()
+        keep_if_best(first)
         train_seconds += first["eval_seconds"]
     first_losses: list[float] = []
     acc: dict[str, float] = {}
@@ -480,9 +508,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         idx = rng.integers(len(traj), size=args.traj_rows)
         x0 = torch.from_numpy(traj.tokens[idx])
         noised = distill_noise(x0, torch.from_numpy(traj.target_start[idx]), block, mask_id, args.draft_prob, noise_gen)
-        d_loss, d_stats = distill_loss(model, x0, noised, masks[block])
+        d_loss, d_stats = distill_loss(model, x0.to(device), noised.to(device), masks[block])
         if args.real_rows:
-            a_loss, ar_ce = ar_anchor_loss(model, teacher, sampler.sample(args.real_rows), causal)
+            a_loss, ar_ce = ar_anchor_loss(model, teacher, sampler.sample(args.real_rows).to(device), causal)
         else:
             a_loss, ar_ce = d_loss * 0.0, float("nan")
         loss = args.distill_weight * d_loss + args.ar_weight * a_loss
@@ -507,7 +535,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
                  **{k: v / n for k, v in acc.items()}})
             acc = {}
         if train_seconds - last_eval >= args.eval_minutes * 60 and not done():
-            train_seconds += evaluate_now()["eval_seconds"]
+            row = evaluate_now()
+            keep_if_best(row)
+            train_seconds += row["eval_seconds"]
             last_eval = train_seconds
             plot_curves(out / "log.jsonl", out / "curves.png")
         if train_seconds - last_ckpt >= args.ckpt_minutes * 60 and not done():
@@ -522,6 +552,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             return {"steps": step, "stopped": True}
     save_state()
     final_eval = evaluate_now()
+    keep_if_best(final_eval)
     log_f.close()
     plot_curves(out / "log.jsonl", out / "curves.png", title=f"self-distillation: {step} steps, {train_seconds / 60:.0f} min CPU")
     final = export(model, model_dir, out)
@@ -564,7 +595,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (training on the CPU, generation, engine evals)")
+    ap.add_argument("--device", default="cpu", help="where training steps run (cpu, cuda); the engine always runs on the CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--eval-minutes", type=float, default=6.0)
@@ -575,6 +607,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-block", type=int, default=8)
     ap.add_argument("--eval-threshold", type=float, default=0.9)
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
+    ap.add_argument("--keep-best", action="store_true", help="also export the best evaluated weights to DIR/best")
+    ap.add_argument("--best-ar-tolerance", type=float, default=0.02,
+                    help="--keep-best considers weights whose held-out AR perplexity is within this share of step 0's")
     args = ap.parse_args(argv)
     for b in args.block_sizes:
         if b < 2 or args.seq_len % b:

@@ -61,6 +61,9 @@ class NoisedBatch:
     masked: torch.Tensor  # [B, L] bool
     p_mask: torch.Tensor  # [B, L] masking probability of each token's block
 
+    def to(self, device: torch.device | str) -> "NoisedBatch":
+        return NoisedBatch(self.noisy.to(device), self.masked.to(device), self.p_mask.to(device))
+
 
 def add_noise(x0: torch.Tensor, block_size: int, mask_token_id: int, eps: float = 0.05,
               generator: torch.Generator | None = None) -> NoisedBatch:

@@ -105,7 +105,7 @@ def test_distillation_end_to_end_on_a_tiny_slice(tiny_run: tuple[Path, Path], tm
     model_dir, data = tiny_run
     out = tmp_path / "run"
     torch.manual_seed(0)
-    summary = distill(_args(model_dir, data, out, "--max-steps", "40"))
+    summary = distill(_args(model_dir, data, out, "--max-steps", "40", "--keep-best"))
     info = json.loads((out / "trajectories.json").read_text())
     assert info["rows"] == 24 and sum(info["kinds"].values()) == 24
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -116,6 +116,12 @@ def test_distillation_end_to_end_on_a_tiny_slice(tiny_run: tuple[Path, Path], tm
     assert all(r["self_spec_equals_ar"] for r in evals)
     assert (out / "curves.png").stat().st_size > 0
     assert summary["steps"] == 40
+    # --keep-best: the evaluated weights with the longest draft acceptance within the AR tolerance
+    best = json.loads((out / "best.json").read_text())
+    allowed = [r for r in evals if r["ar_ppl"] <= evals[0]["ar_ppl"] * 1.02]
+    assert best["step"] in [r["step"] for r in allowed]
+    assert best["draft_accept_len"] == max(r["draft_accept_len"] for r in allowed)
+    assert (out / "best" / "model.safetensors").is_file()
 
     # the export loads and serves every mode; self_spec at temperature 0 is AR greedy
     final = out / "final"
