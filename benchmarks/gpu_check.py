@@ -6,13 +6,15 @@
 1. Every Triton kernel against the PyTorch reference, in bf16 and fp16 (fp32/fp16 under the
    interpreter in reduced form): random inputs made fresh for each case, the allocator poisoned
    with NaNs before each run, cache slots that must stay untouched poisoned too. Attention here
-   runs its fixed default tile config; the fused elementwise kernels (rms_norm with and without
+   runs its fixed default tile config, with both page gathers; the fused elementwise kernels (rms_norm with and without
    the residual add, rotary_qk on strided views of a fused QKV output, silu_mul) too.
 2. The paged attention kernel timed against SDPA (dense, contiguous K/V) and FlexAttention on
    the same masks: decode, block-bidirectional (32-token block over a prefix), causal prefill.
    On CUDA the first call per shape autotunes the tile config (``kernels/tuner.py``); each row
    reports the kernel (main / split-KV) and config picked, the time of the untuned default
-   config, and the tuned output is checked against the reference (a kernel-check row).
+   config, the time of the per-key page lookup (``gather="key"``, tuned on its own key; the
+   default gathers page ids once per page), and the tuned output is checked against the
+   reference (a kernel-check row).
 3. An 8B-shaped Nemotron-Labs Diffusion model with random bf16 weights, one step at batch 1,
    8 and 32 for AR decode, a 32-token denoise pass and a 32-token verify pass, through the
    engine's runner (CUDA graphs), beside the card's copy bandwidth and the bandwidth floor
@@ -145,12 +147,14 @@ def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
     for dtype in dtypes:
         for name, specs, hq, hkv, page, splits in cases:
             case = make_case(specs, hq, hkv, d, page, dtype, device)
-            poison_allocator(device)
-            out = block_attention(*case_args(case), d**-0.5, num_splits=splits, autotune=False)
             ref = paged_attention_reference(*case_args(case, torch.device("cpu"), torch.float32), d**-0.5)
-            err = (out.float().cpu() - ref.float()).abs().max().item()
-            ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
-            results.append({"kernel": "paged_attention", "case": name, "dtype": str(dtype), "max_abs_err": err, "ok": ok})
+            for gather in ("page", "key"):
+                poison_allocator(device)
+                out = block_attention(*case_args(case), d**-0.5, num_splits=splits, autotune=False, gather=gather)
+                err = (out.float().cpu() - ref.float()).abs().max().item()
+                ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
+                results.append({"kernel": "paged_attention", "case": f"{name} {gather}-gather", "dtype": str(dtype),
+                                "max_abs_err": err, "ok": ok})
             # store_kv: untouched slots must keep their poison
             kc = torch.full_like(case["k_cache"], float("nan"))
             vc = torch.full_like(case["v_cache"], float("nan"))
@@ -279,9 +283,12 @@ def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, 
         # the launch the Triton path makes (on CUDA: the tuned pick; reduced/CPU: the fixed default)
         plan = plan_launch(case["q"], case["k"], case["k_cache"], case["block_tables"], case["max_query_len"])
         launch = {"kernel": plan.kernel, "num_splits": plan.num_splits, "block_m": plan.block_m, "config": str(plan.config), "tuned": plan.tuned}
+        launch["gather"] = plan.gather
         if device.type == "cuda":
             default = timeit(lambda: block_attention(*args, d**-0.5, autotune=False), device)
             launch["default_ms"] = default * 1e3
+            # the per-key page lookup (tuned on its own key), the kernel before the per-page gather
+            launch["key_gather_ms"] = timeit(lambda: block_attention(*args, d**-0.5, gather="key"), device) * 1e3
             poison_allocator(device)
             out = paged_attention(*args, d**-0.5)
             expected = paged_attention_reference(*args, d**-0.5)
@@ -312,9 +319,14 @@ def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, 
                 row["flex_ms"] = timeit(lambda: flex_fn(qd, kd, vd, block_mask=bm, enable_gqa=True), device) * 1e3
             except Exception as exc:  # pragma: no cover
                 row["flex_error"] = str(exc)[:200]
+        if device.type == "cuda" and name != "prefill":
+            # how the split-KV count the heuristic leaves at 1 for these grids would do
+            row["splits_ms"] = {n: timeit(lambda n=n: block_attention(*args, d**-0.5, num_splits=n), device) * 1e3
+                                for n in (2, 4, 8)}
         rows.append(row)
         log(f"attention {name}: ours {row['ours_ms']:.3f} ms ({row['kernel']} {row['config']}, tuned={row['tuned']}, "
-            f"default config {row.get('default_ms', float('nan')):.3f} ms), sdpa {row['sdpa_ms']:.3f} ms, "
+            f"gather {row['gather']}, default config {row.get('default_ms', float('nan')):.3f} ms, "
+            f"per-key gather {row.get('key_gather_ms', float('nan')):.3f} ms), sdpa {row['sdpa_ms']:.3f} ms, "
             f"flex {row.get('flex_ms', float('nan')):.3f} ms")
     if device.type == "cpu":
         checks += tuning_smoke(device)
@@ -454,9 +466,42 @@ def time_model_steps(device: torch.device, reduced: bool, bandwidth: float, unfu
     for b in batches:
         for kind in kinds:
             rows.append(time_step(runner, kind, b, kind))
+    try:
+        rows_profile = profile_step(runner, device, time_step)
+    except Exception as exc:  # a profiler failure must not cost the rest of the results
+        log(f"profile failed: {exc!r}")
+        rows_profile = []
     replays = runner.graphs.replays if runner.graphs is not None else 0
     rows.append({"step": "graph_replays", "batch": 0, "ms": 0.0, "floor_ms": 0.0, "fraction_of_floor": 0.0, "tokens_per_s": replays})
+    rows += rows_profile
     del model, runner
+    return rows
+
+
+def profile_step(runner, device: torch.device, time_step) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Where the time of a batch-1 AR decode step goes: the top kernels (CUDA; CPU ops on the
+    CPU) by total time under torch.profiler over the timed steps, run eagerly so that each
+    kernel is its own record, as rows ``profile:<name>``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+
+    def spent(e) -> float:  # type: ignore[no-untyped-def]
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            time_step(runner, "ar_decode", 1, "ar_decode (eager, profiled)")
+    finally:
+        runner.graphs = graphs
+    events = [e for e in prof.key_averages() if spent(e) > 0]
+    total = sum(spent(e) for e in events) or 1.0
+    rows = []
+    for e in sorted(events, key=lambda e: -spent(e))[:12]:
+        rows.append({"step": f"profile:{e.key[:60]}", "batch": 1, "ms": spent(e) / 1e3 / max(1, e.count),
+                     "floor_ms": 0.0, "fraction_of_floor": spent(e) / total, "tokens_per_s": e.count})
+        log(f"profile ar_decode b1: {100 * spent(e) / total:5.1f}%  calls {e.count:6d}  {e.key[:80]}")
     return rows
 
 
@@ -509,12 +554,13 @@ def main(argv: list[str] | None = None) -> int:
              f"kernel checks: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} passed "
              f"(worst error {max(r['max_abs_err'] for r in kernel_rows):.2e})",
              f"copy bandwidth: {bandwidth/1e9:.0f} GB/s", "",
-             "| attention | batch | prefix | q | ours ms | default cfg ms | SDPA ms | Flex ms | kernel | config (tuned?) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| attention | batch | prefix | q | ours ms | default cfg ms | per-key gather ms | SDPA ms | Flex ms | kernel | config (tuned?) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in attention_rows:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['prefix']} | {r['query_len']} | {r['ours_ms']:.3f} | "
-                     f"{r.get('default_ms', float('nan')):.3f} | {r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} | "
-                     f"{r['kernel']} x{r['num_splits']} M{r['block_m']} | {r['config']} ({'tuned' if r['tuned'] else 'fixed'}) |")
+                     f"{r.get('default_ms', float('nan')):.3f} | {r.get('key_gather_ms', float('nan')):.3f} | "
+                     f"{r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} | "
+                     f"{r['kernel']} x{r['num_splits']} M{r['block_m']} {r['gather']} | {r['config']} ({'tuned' if r['tuned'] else 'fixed'}) |")
     if tuning:
         lines += ["", "| tuned key (kernel, q bucket, D, group, dtype) | pick | tune s | default us | pick us | rejected |",
                   "|---|---|---|---|---|---|"]
@@ -525,8 +571,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"{timings.get(t['best'], float('nan')):.1f} | {len(t['rejected'])} |")
     lines += ["", "| step | batch | ms | floor ms | % of floor | tokens/s |", "|---|---|---|---|---|---|"]
     for r in step_rows:
-        if r["step"] != "graph_replays":
+        if r["step"] != "graph_replays" and not r["step"].startswith("profile:"):
             lines.append(f"| {r['step']} | {r['batch']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {100*r['fraction_of_floor']:.0f}% | {r['tokens_per_s']:.0f} |")
+    profile_rows = [r for r in step_rows if r["step"].startswith("profile:")]
+    if profile_rows:
+        lines += ["", "| ar_decode batch 1, kernel (torch.profiler, timed steps) | share of CUDA time | calls | ms per call |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['step'][8:]} | {100 * r['fraction_of_floor']:.1f}% | {r['tokens_per_s']} | {r['ms']:.4f} |" for r in profile_rows]
+    split_rows = [r for r in attention_rows if "splits_ms" in r]
+    if split_rows:
+        lines += ["", "| attention | ours ms (auto splits) | 2 splits ms | 4 splits ms | 8 splits ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['ours_ms']:.3f} | " + " | ".join(f"{r['splits_ms'][n]:.3f}" for n in (2, 4, 8)) + " |"
+                  for r in split_rows]
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table + "\n")

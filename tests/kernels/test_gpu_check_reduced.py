@@ -20,4 +20,7 @@ def test_gpu_check_reduced_runs_and_its_kernel_checks_pass(tmp_path: Path) -> No
     steps = {(r["step"], r["batch"]) for r in results["steps"]}
     assert {("ar_decode", 1), ("denoise_32", 8), ("verify_32", 32)} <= steps
     assert all(r["ms"] > 0 for r in results["steps"] if r["step"] != "graph_replays")
-    assert "| attention |" in (tmp_path / "table.md").read_text()
+    profile = [r for r in results["steps"] if r["step"].startswith("profile:")]
+    assert profile and abs(sum(r["fraction_of_floor"] for r in profile) - 1) < 0.5  # top ops: most of the time
+    table = (tmp_path / "table.md").read_text()
+    assert "| attention |" in table and "ar_decode batch 1, kernel" in table
