@@ -6,15 +6,14 @@
 1. Every Triton kernel against the PyTorch reference, in bf16 and fp16 (fp32/fp16 under the
    interpreter in reduced form): random inputs made fresh for each case, the allocator poisoned
    with NaNs before each run, cache slots that must stay untouched poisoned too. Attention here
-   runs its fixed default tile config, with both page gathers; the fused elementwise kernels (rms_norm with and without
+   runs its fixed default tile config; the fused elementwise kernels (rms_norm with and without
    the residual add, rotary_qk on strided views of a fused QKV output, silu_mul) too.
 2. The paged attention kernel timed against SDPA (dense, contiguous K/V) and FlexAttention on
    the same masks: decode, block-bidirectional (32-token block over a prefix), causal prefill.
    On CUDA the first call per shape autotunes the tile config (``kernels/tuner.py``); each row
    reports the kernel (main / split-KV) and config picked, the time of the untuned default
-   config, the time of the per-key page lookup (``gather="key"``, tuned on its own key; the
-   default gathers page ids once per page), and the tuned output is checked against the
-   reference (a kernel-check row).
+   config, and the tuned output is checked against the reference (a kernel-check row); for
+   decode and block shapes also the times with 2, 4 and 8 prefix splits forced.
 3. An 8B-shaped Nemotron-Labs Diffusion model with random bf16 weights, one step at batch 1,
    8 and 32 for AR decode, a 32-token denoise pass and a 32-token verify pass, through the
    engine's runner (CUDA graphs), beside the card's copy bandwidth and the bandwidth floor
@@ -148,13 +147,11 @@ def check_kernels(device: torch.device, reduced: bool) -> list[dict[str, Any]]:
         for name, specs, hq, hkv, page, splits in cases:
             case = make_case(specs, hq, hkv, d, page, dtype, device)
             ref = paged_attention_reference(*case_args(case, torch.device("cpu"), torch.float32), d**-0.5)
-            for gather in ("page", "key"):
-                poison_allocator(device)
-                out = block_attention(*case_args(case), d**-0.5, num_splits=splits, autotune=False, gather=gather)
-                err = (out.float().cpu() - ref.float()).abs().max().item()
-                ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
-                results.append({"kernel": "paged_attention", "case": f"{name} {gather}-gather", "dtype": str(dtype),
-                                "max_abs_err": err, "ok": ok})
+            poison_allocator(device)
+            out = block_attention(*case_args(case), d**-0.5, num_splits=splits, autotune=False)
+            err = (out.float().cpu() - ref.float()).abs().max().item()
+            ok = bool(torch.isfinite(out).all()) and err <= tol[dtype]
+            results.append({"kernel": "paged_attention", "case": name, "dtype": str(dtype), "max_abs_err": err, "ok": ok})
             # store_kv: untouched slots must keep their poison
             kc = torch.full_like(case["k_cache"], float("nan"))
             vc = torch.full_like(case["v_cache"], float("nan"))
@@ -283,12 +280,9 @@ def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, 
         # the launch the Triton path makes (on CUDA: the tuned pick; reduced/CPU: the fixed default)
         plan = plan_launch(case["q"], case["k"], case["k_cache"], case["block_tables"], case["max_query_len"])
         launch = {"kernel": plan.kernel, "num_splits": plan.num_splits, "block_m": plan.block_m, "config": str(plan.config), "tuned": plan.tuned}
-        launch["gather"] = plan.gather
         if device.type == "cuda":
             default = timeit(lambda: block_attention(*args, d**-0.5, autotune=False), device)
             launch["default_ms"] = default * 1e3
-            # the per-key page lookup (tuned on its own key), the kernel before the per-page gather
-            launch["key_gather_ms"] = timeit(lambda: block_attention(*args, d**-0.5, gather="key"), device) * 1e3
             poison_allocator(device)
             out = paged_attention(*args, d**-0.5)
             expected = paged_attention_reference(*args, d**-0.5)
@@ -325,8 +319,7 @@ def time_attention(device: torch.device, reduced: bool) -> tuple[list[dict[str, 
                                 for n in (2, 4, 8)}
         rows.append(row)
         log(f"attention {name}: ours {row['ours_ms']:.3f} ms ({row['kernel']} {row['config']}, tuned={row['tuned']}, "
-            f"gather {row['gather']}, default config {row.get('default_ms', float('nan')):.3f} ms, "
-            f"per-key gather {row.get('key_gather_ms', float('nan')):.3f} ms), sdpa {row['sdpa_ms']:.3f} ms, "
+            f"default config {row.get('default_ms', float('nan')):.3f} ms), sdpa {row['sdpa_ms']:.3f} ms, "
             f"flex {row.get('flex_ms', float('nan')):.3f} ms")
     if device.type == "cpu":
         checks += tuning_smoke(device)
@@ -554,13 +547,12 @@ def main(argv: list[str] | None = None) -> int:
              f"kernel checks: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} passed "
              f"(worst error {max(r['max_abs_err'] for r in kernel_rows):.2e})",
              f"copy bandwidth: {bandwidth/1e9:.0f} GB/s", "",
-             "| attention | batch | prefix | q | ours ms | default cfg ms | per-key gather ms | SDPA ms | Flex ms | kernel | config (tuned?) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| attention | batch | prefix | q | ours ms | default cfg ms | SDPA ms | Flex ms | kernel | config (tuned?) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in attention_rows:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['prefix']} | {r['query_len']} | {r['ours_ms']:.3f} | "
-                     f"{r.get('default_ms', float('nan')):.3f} | {r.get('key_gather_ms', float('nan')):.3f} | "
-                     f"{r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} | "
-                     f"{r['kernel']} x{r['num_splits']} M{r['block_m']} {r['gather']} | {r['config']} ({'tuned' if r['tuned'] else 'fixed'}) |")
+                     f"{r.get('default_ms', float('nan')):.3f} | {r['sdpa_ms']:.3f} | {r.get('flex_ms', float('nan')):.3f} | "
+                     f"{r['kernel']} x{r['num_splits']} M{r['block_m']} | {r['config']} ({'tuned' if r['tuned'] else 'fixed'}) |")
     if tuning:
         lines += ["", "| tuned key (kernel, q bucket, D, group, dtype) | pick | tune s | default us | pick us | rejected |",
                   "|---|---|---|---|---|---|"]

@@ -19,10 +19,8 @@ Kernel layout:
 * GQA packing: one program owns ``BLOCK_Q`` query tokens x ``GROUP = Hq // Hkv`` query heads of
   one KV head (``BLOCK_M = BLOCK_Q * GROUP`` rows, row ``r`` = token ``r // GROUP``, head
   ``r % GROUP``), so each K/V tile is loaded once for all query heads that share it.
-* Keys are visited in tiles of ``BLOCK_N``; a tile may cross page boundaries. With power-of-two
-  pages (``gather="page"``, the default for them) the page ids of a tile are loaded once per
-  page and the slot offsets are affine in the key index (``PAGE_SIZE`` is a compile-time
-  constant); otherwise (``gather="key"``, any page size) each key looks up its own page.
+* Keys are visited in tiles of ``BLOCK_N``; each key position looks up its own page, so a tile
+  may cross page boundaries and any page size works.
 * Online softmax in the log2 domain with fp32 running max / sum / accumulator. fp32 dots use
   ``input_precision="ieee"`` (no tf32). Half inputs are fed to ``tl.dot`` as is (fp32
   accumulation); the probabilities are rounded to the value dtype for the P @ V product.
@@ -57,7 +55,6 @@ from kernels.tuner import LaunchTuner, capturing
 __all__ = [
     "block_attention", "choose_num_splits", "choose_block_sizes", "plan_launch", "LaunchPlan",
     "TileConfig", "default_tile_config", "tile_candidates", "stage_variants", "query_len_bucket",
-    "default_gather", "page_gather_supported",
     "ATTENTION_TUNER", "autotune_enabled",
 ]
 
@@ -81,45 +78,18 @@ def _online_softmax_step(acc, l_i, m_i, q, k_tile, v_tile, visible, qk_scale,
 
 
 @triton.jit
-def _prefix_tile_offsets(start, hi, bt_row_ptr, page_size, stride_cp, stride_co,
-                         BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """``[BLOCK_N]`` cache offsets (page and slot terms; the head term is the caller's) of the
-    prefix keys at positions ``start ..``; ``start`` is a multiple of ``BLOCK_N``.
-
-    ``PAGE_SIZE == 0``: every key looks up its own page (any runtime ``page_size``).
-    Otherwise (power-of-two pages): the tile's page ids are loaded once per page, not once per
-    key, and the slot term is affine in the key index: one page id for a tile inside one page
-    (``PAGE_SIZE >= BLOCK_N``), else ``BLOCK_N // PAGE_SIZE`` ids broadcast over their slots.
-    Pages past ``hi`` read page 0 (their keys are masked by the caller)."""
-    if PAGE_SIZE == 0:
-        pos = start + tl.arange(0, BLOCK_N)
-        page = tl.load(bt_row_ptr + pos // page_size, mask=pos < hi, other=0).to(tl.int64)
-        return page * stride_cp + (pos % page_size).to(tl.int64) * stride_co
-    elif PAGE_SIZE >= BLOCK_N:
-        page = tl.load(bt_row_ptr + start // PAGE_SIZE).to(tl.int64)
-        slot = (start % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
-        return page * stride_cp + slot * stride_co
-    else:
-        page_idx = start // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-        pages = tl.load(bt_row_ptr + page_idx, mask=page_idx * PAGE_SIZE < hi, other=0).to(tl.int64)
-        slot = tl.arange(0, PAGE_SIZE).to(tl.int64)
-        return tl.reshape(pages[:, None] * stride_cp + slot[None, :] * stride_co, [BLOCK_N])
-
-
-@triton.jit
 def _attend_prefix(acc, l_i, m_i, q, lo, hi, bt_row_ptr, k_cache_ptr, v_cache_ptr, kv_head,
                    stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
                    qk_scale, page_size, offs_d, mask_d,
-                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Cached prefix keys at positions [lo, hi): every one is visible to every query row."""
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_range = pos < hi
-        k_off = (_prefix_tile_offsets(start, hi, bt_row_ptr, page_size, stride_kcp, stride_kco, BLOCK_N, PAGE_SIZE)
-                 + kv_head * stride_kch)
-        v_off = (_prefix_tile_offsets(start, hi, bt_row_ptr, page_size, stride_vcp, stride_vco, BLOCK_N, PAGE_SIZE)
-                 + kv_head * stride_vch)
+        page = tl.load(bt_row_ptr + pos // page_size, mask=in_range, other=0).to(tl.int64)
+        slot_in_page = (pos % page_size).to(tl.int64)
+        k_off = page * stride_kcp + slot_in_page * stride_kco + kv_head * stride_kch
+        v_off = page * stride_vcp + slot_in_page * stride_vco + kv_head * stride_vch
         kv_mask = in_range[:, None] & mask_d[None, :]
         # K is loaded transposed ([BLOCK_D, BLOCK_N]) for the Q @ K^T product.
         k_tile = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None],
@@ -236,7 +206,6 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, QUADRATIC: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
 ):
     (seq, q_block, kv_head, _, q_start, q_len, ctx_len, is_causal, sub_block, offs_d, mask_d,
      q_local, head, row_valid, tok, q, acc, l_i, m_i) = _open_query_tile(
@@ -249,7 +218,7 @@ def _paged_attention_kernel(
         acc, l_i, m_i, q, 0, ctx_len, block_tables_ptr + seq.to(tl.int64) * stride_bt,
         k_cache_ptr, v_cache_ptr, kv_head,
         stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
-        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION, PAGE_SIZE)
+        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
 
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, q_start, q_len, q_local, q_block, is_causal, sub_block,
@@ -273,7 +242,6 @@ def _paged_attention_split_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, QUADRATIC: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
 ):
     """Like ``_paged_attention_kernel``, for one of ``num_splits`` chunks of the prefix."""
     (seq, q_block, kv_head, split, q_start, q_len, ctx_len, is_causal, sub_block, offs_d, mask_d,
@@ -291,7 +259,7 @@ def _paged_attention_split_kernel(
         acc, l_i, m_i, q, lo, hi, block_tables_ptr + seq.to(tl.int64) * stride_bt,
         k_cache_ptr, v_cache_ptr, kv_head,
         stride_kcp, stride_kco, stride_kch, stride_vcp, stride_vco, stride_vch,
-        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION, PAGE_SIZE)
+        qk_scale, page_size, offs_d, mask_d, BLOCK_N, UPCAST, DOT_PRECISION)
 
     if split == num_splits - 1:
         acc, l_i, m_i = _attend_segment(
@@ -430,17 +398,6 @@ def _num_sms(device: torch.device) -> int:
     return 8  # interpreter: any small number keeps the heuristic exercised
 
 
-def page_gather_supported(page_size: int) -> bool:
-    """Whether the per-page gather applies: power-of-two pages of at least 8 slots (so a key
-    tile of 16..128 keys holds whole pages or lies inside one)."""
-    return page_size >= 8 and page_size & (page_size - 1) == 0
-
-
-def default_gather(page_size: int) -> str:
-    """"page" wherever it applies, else "key"."""
-    return "page" if page_gather_supported(page_size) else "key"
-
-
 def choose_block_sizes(max_query_len: int, group: int, head_dim: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_Q, BLOCK_N)`` for a launch; ``BLOCK_N`` is the untuned default.
 
@@ -460,13 +417,16 @@ def choose_num_splits(num_seqs: int, q_blocks: int, num_kv_heads: int, max_prefi
     """How many programs share one prefix; 1 unless the grid leaves most of the device idle.
 
     Split-KV costs a second launch and an fp32 round trip through memory, so it is used only
-    when the plain grid covers less than half the SMs and the prefix bound is at least
-    ``2 * _MIN_KEYS_PER_SPLIT``; then it aims at ~2 programs per SM. ``max_prefix_len`` is a
-    host-side upper bound (``block_tables.shape[1] * page_size``), so choosing needs no sync.
+    when the plain grid has fewer programs than the device has SMs and the prefix bound is at
+    least ``2 * _MIN_KEYS_PER_SPLIT``; then it aims at ~2 programs per SM. (On an H200, 132
+    SMs: a 32-token block pass at batch 8 over 4096 cached tokens, 128 programs, took 0.25 ms
+    unsplit and 0.20 ms with 2 to 8 splits; decode at batch 32, 256 programs, was fastest
+    unsplit; docs/gpu-results.md, run 3.) ``max_prefix_len`` is a host-side upper bound
+    (``block_tables.shape[1] * page_size``), so choosing needs no sync.
     """
     programs = num_seqs * q_blocks * num_kv_heads
     sms = _num_sms(device)
-    if 2 * programs >= sms or max_prefix_len < 2 * _MIN_KEYS_PER_SPLIT:
+    if programs >= sms or max_prefix_len < 2 * _MIN_KEYS_PER_SPLIT:
         return 1
     splits = min(-(-2 * sms // programs), max_prefix_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
     return max(1, splits)
@@ -485,10 +445,9 @@ class LaunchPlan:
     config: TileConfig  # tuned (if cached), explicit override, or the default
     tune_key: tuple | None  # None: this launch is not tuned
     tuned: bool  # config came from the tuner's cache
-    gather: str = "key"  # "page": page ids loaded once per page of a key tile; "key": per key
 
     def as_dict(self) -> dict:
-        return {"kernel": self.kernel, "gather": self.gather, "num_splits": self.num_splits, "block_m": self.block_m,
+        return {"kernel": self.kernel, "num_splits": self.num_splits, "block_m": self.block_m,
                 "block_n": self.config.block_n, "num_warps": self.config.num_warps,
                 "num_stages": self.config.num_stages, "tuned": self.tuned,
                 "tune_key": list(self.tune_key) if self.tune_key else None}
@@ -507,16 +466,9 @@ def plan_launch(
     num_warps: int | None = None,
     num_stages: int | None = None,
     autotune: bool | None = None,
-    gather: str | None = None,
 ) -> LaunchPlan:
     """The launch ``block_attention`` makes for these arguments (see its docstring); ``config``
     is the tuner's cached pick when there is one, else the default (tuned on the first call)."""
-    page_size = k_cache.shape[1]
-    gather = gather or default_gather(page_size)
-    if gather not in ("page", "key"):
-        raise ValueError(f"gather must be 'page' or 'key', got {gather!r}")
-    if gather == "page" and not page_gather_supported(page_size):
-        raise ValueError(f"gather='page' needs a power-of-two page size >= 8, got {page_size}")
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
@@ -548,13 +500,11 @@ def plan_launch(
     if autotune:
         tune_key = (kernel, query_len_bucket(max_query_len), head_dim, group,
                     str(q.dtype).replace("torch.", ""))
-        if gather == "key":  # tuned separately (the default page gather keeps the old key form)
-            tune_key += ("key-gather",)
         cached = ATTENTION_TUNER.lookup(tune_key)
         if cached is not None:
             config, tuned = cached, True
     return LaunchPlan(kernel, num_splits, block_m, block_q, block_d, q_blocks, config, tune_key,
-                      tuned, gather)
+                      tuned)
 
 
 def block_attention(
@@ -567,8 +517,7 @@ def block_attention(
     ``launch`` takes the keywords of ``plan_launch``. ``num_splits``: None picks automatically (``choose_num_splits``), 1 disables split-KV, more
     forces that many prefix chunks. ``block_m``/``block_n`` override the tile sizes (powers of
     two, at least 16; ``block_m`` at least the GQA group); ``num_warps``/``num_stages`` the
-    warps per program and pipeline stages. ``gather``: "page" (default for power-of-two pages
-    of >= 8 slots) or "key" (how prefix tiles find their pages; the module docstring).
+    warps per program and pipeline stages.
 
     Autotuning (``autotune=None``: on for CUDA tensors, off under the interpreter, off when any
     of ``block_n``/``num_warps``/``num_stages`` is given or ``NLD_ATTN_AUTOTUNE=0``): the
@@ -607,7 +556,7 @@ def block_attention(
     quadratic = meta.mask_block is not None
     shapes = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
                   BLOCK_D=plan.block_d, UPCAST=upcast, DOT_PRECISION=dot_precision,
-                  QUADRATIC=quadratic, PAGE_SIZE=page_size if plan.gather == "page" else 0)
+                  QUADRATIC=quadratic)
     # without mask_block its pointer is never read (QUADRATIC is a compile-time False)
     metadata = (block_tables, context_lens, query_start_loc, causal_u8,
                 meta.mask_block if quadratic else context_lens, qk_scale, page_size)

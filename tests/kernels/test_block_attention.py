@@ -177,34 +177,6 @@ def test_triton_small_tiles(group, device):
     assert_close(out, paged_attention_reference(*b.args()), torch.float32)
 
 
-@pytest.mark.parametrize("page_size,block_n", [(8, 64), (16, 16), (16, 32), (64, 32), (128, 64)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_page_gather_equals_key_gather_and_reference(page_size, block_n, num_splits, device):
-    """The per-page gather (page ids loaded once per page: tiles spanning several pages, or
-    lying inside one) against the per-key gather and the reference, on prefixes with partial
-    last pages and padding columns that point at foreign pages, with and without split-KV."""
-    b = make_batch(MIXED + LONG, num_kv_heads=2, group=2, head_dim=16, page_size=page_size,
-                   dtype=torch.float32, device=device, seed=4)
-    by_page = block_attention(*b.args(), num_splits=num_splits, block_n=block_n, gather="page")
-    by_key = block_attention(*b.args(), num_splits=num_splits, block_n=block_n, gather="key")
-    assert_close(by_page, paged_attention_reference(*b.args()), torch.float32)
-    assert torch.equal(by_page, by_key)
-
-
-def test_gather_default_and_rejections(device):
-    from kernels.block_attention import default_gather, plan_launch
-
-    assert [default_gather(p) for p in (1, 4, 8, 16, 24, 256)] == ["key", "key", "page", "page", "key", "page"]
-    b = make_batch(MIXED, num_kv_heads=2, group=2, head_dim=16, page_size=24, dtype=torch.float32, device=device)
-    plan = plan_launch(b.q, b.k, b.k_cache, b.block_tables, b.max_query_len)
-    assert plan.gather == "key"  # any page size still works, per key
-    assert_close(block_attention(*b.args(), num_splits=1), paged_attention_reference(*b.args()), torch.float32)
-    with pytest.raises(ValueError, match="power-of-two page size"):
-        plan_launch(b.q, b.k, b.k_cache, b.block_tables, b.max_query_len, gather="page")
-    with pytest.raises(ValueError, match="gather must be"):
-        plan_launch(b.q, b.k, b.k_cache, b.block_tables, b.max_query_len, gather="row")
-
-
 @pytest.mark.parametrize("num_splits", [2, 5])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -225,11 +197,18 @@ def test_split_kv_chosen_automatically(device):
     assert_close(block_attention(*b.args()), paged_attention_reference(*b.args()), torch.float32)
 
 
-def test_split_heuristic_stays_off_for_big_grids():
+def test_split_heuristic_stays_off_for_big_grids(monkeypatch):
     cpu = torch.device("cpu")
     assert choose_num_splits(64, 4, 8, 4096, cpu) == 1  # enough programs already
     assert choose_num_splits(1, 1, 1, 128, cpu) == 1  # prefix too short to be worth it
     assert 1 < choose_num_splits(1, 1, 1, 1 << 16, cpu) <= 16
+    # the H200's 132 SMs: a block pass at batch 8 (128 programs) splits, decode at batch 32 does not
+    import kernels.block_attention as ba
+
+    monkeypatch.setattr(ba, "_num_sms", lambda device: 132)
+    assert choose_num_splits(8, 2, 8, 4096, cpu) == 3
+    assert choose_num_splits(32, 1, 8, 4096, cpu) == 1
+    assert choose_num_splits(8, 1, 8, 4096, cpu) == 5
 
 
 def test_odd_head_dim_and_group(device):

@@ -24,3 +24,14 @@ def test_gpu_check_reduced_runs_and_its_kernel_checks_pass(tmp_path: Path) -> No
     assert profile and abs(sum(r["fraction_of_floor"] for r in profile) - 1) < 0.5  # top ops: most of the time
     table = (tmp_path / "table.md").read_text()
     assert "| attention |" in table and "ar_decode batch 1, kernel" in table
+
+
+def test_attention_splits_reduced_runs(tmp_path: Path) -> None:
+    """benchmarks/attention_splits.py (the split-count sweep of a GPU session) in reduced form:
+    every forced split count matches the reference (it returns 1 otherwise) and is reported."""
+    from benchmarks.attention_splits import main as splits_main
+
+    assert splits_main(["--reduced", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "splits.json").read_text())["rows"]
+    assert {r["table"] for r in rows} == {"tight", "wide"}
+    assert all(set(r["forced_ms"]) == {"1", "2", "4"} and r["best_splits"] in (1, 2, 4) for r in rows)
