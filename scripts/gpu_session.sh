@@ -10,6 +10,9 @@
 # Results go to $OUT in at most 8 files (the device tool's limit): gpu_check/{log.txt,
 # results.json,table.md}, distill.log and the distilled run (final/ and best/ weights, logs) as a
 # tar cut into 4 parts (each under 16 MiB): cat weights.tar.part-* | tar -x
+# Environment: MODEL (the folder to distill, default server/default_model; the third round's
+# second run started from the first run's export), DISTILL_MINUTES, GPU_CHECK_S, DISTILL_S,
+# DEVICE and THREADS (DEVICE=cpu THREADS=1 DISTILL_MINUTES=0.4 is a dry run on any machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -50,7 +53,7 @@ echo "gpu_check rc=$? after $(( $(date +%s) - start )) s"
 tail -n 80 "$OUT/gpu_check/log.txt"
 
 cp "$CARRY/trajectories.npz" "$CARRY/heldout_trajectories.npz" "$RUN/"
-timeout "${DISTILL_S:-260}" "$PY" -m training.distill --model server/default_model --data "$CARRY/data.npz" --out "$RUN" \
+timeout "${DISTILL_S:-260}" "$PY" -m training.distill --model "${MODEL:-server/default_model}" --data "$CARRY/data.npz" --out "$RUN" \
   --device "${DEVICE:-cuda}" --threads "${THREADS:-8}" --minutes "${DISTILL_MINUTES:-3.2}" --traj-rows 48 --real-rows 24 --lr 2e-4 --ar-weight 48 \
   --warmup-steps 50 --block-sizes 4 8 8 8 16 16 --eval-block 8 --eval-threshold 0.7 --eval-minutes 0.5 \
   --ckpt-minutes 1000 --log-every 50 --keep-best > "$OUT/distill.log" 2>&1

@@ -361,9 +361,9 @@ def export(model: DecoderModel, model_dir: Path, out: Path, name: str = "final")
     final = out / name
     cfg = json.loads((model_dir / "config.json").read_text())
     save_checkpoint(model, final, cfg, dtype=torch.bfloat16)
-    for name in EXPORT_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, final / name)
+    for file in EXPORT_FILES:
+        if (model_dir / file).is_file():
+            shutil.copy(model_dir / file, final / file)
     return final
 
 
@@ -554,7 +554,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     final_eval = evaluate_now()
     keep_if_best(final_eval)
     log_f.close()
-    plot_curves(out / "log.jsonl", out / "curves.png", title=f"self-distillation: {step} steps, {train_seconds / 60:.0f} min CPU")
+    plot_curves(out / "log.jsonl", out / "curves.png", title=f"self-distillation: {step} steps, {train_seconds / 60:.0f} min on {device.type}")
     final = export(model, model_dir, out)
     shipped = load_model(final, dtype=torch.float32, progress=False)
     summary = {"steps": step, "train_seconds": train_seconds, "first_losses": first_losses, "final_eval": final_eval,
