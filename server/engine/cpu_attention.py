@@ -154,9 +154,9 @@ class CpuPagedAttention:
                 keys, values = torch.cat([_as(pk, k.dtype), keys], dim=1), torch.cat([_as(pv, v.dtype), values], dim=1)
         # queries of one KV head side by side: [S, Hkv, G * L, D], row g * L + i
         qh = q.view(s, n, hkv, self.group, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, self.group * n, d)
-        math = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+        math_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
         out = F.scaled_dot_product_attention(
-            _as(qh, math), _as(keys.transpose(1, 2), math), _as(values.transpose(1, 2), math),
+            _as(qh, math_dtype), _as(keys.transpose(1, 2), math_dtype), _as(values.transpose(1, 2), math_dtype),
             attn_mask=g.mask, scale=self.scale,
         )  # [S, Hkv, G * L, D]
         out = out.view(s, hkv, self.group, n, d).permute(0, 3, 1, 2, 4).reshape(s * n, hq, d)
