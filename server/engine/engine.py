@@ -82,10 +82,12 @@ class LLMEngine:
             configure_cpu_threads(config.cpu_threads)
         # one GEMM for q/k/v and one for gate/up; on the CPU the fused path's ops are
         # kernels.cpu_ops (the references' math) and bf16/fp16 weights get oneDNN layouts
+        # (the head's only when the decoder is compiled: inductor packs the layers' own)
+        compile_cpu = config.cpu_compile and self.device.type == "cpu"
         if not model.fused_kernels:
             model.fuse_projections()
             if not kernel_ops.use_triton(self.device):
-                model.prepack_cpu_weights()
+                model.prepack_cpu_weights(layers=not compile_cpu)
         self.max_model_len = min(config.max_model_len or 8192, mc.max_position_embeddings)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_pages = -(-kv_tokens // config.page_size)
@@ -120,6 +122,7 @@ class LLMEngine:
             # AR decode; block passes; a quadratic self_spec cycle at the default draft length
             graph_query_lens=(1, mc.block_size, mc.block_size * (mc.block_size + 1)) if graphs else (),
             graph_batch_sizes=buckets if graphs else (),
+            cpu_compile=compile_cpu,
         )
         self.scheduler.on_preempt = lambda req: self.metrics.on_preemption(req.params.decode.mode)
         self._prefix_seen = (0, 0)  # (queried, hit) tokens already reported to metrics

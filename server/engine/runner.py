@@ -7,16 +7,21 @@ eagerly. Both paths share ``HostBatch``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kernels.ops import AttentionMetadata, use_triton
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
 from server.engine.cpu_attention import CpuPagedAttention
+from server.engine.cpu_compile import CompiledDecoder
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
 from server.engine.vision_runner import VisionRunner
 from server.engine.work import Work
 from server.model.model import DecoderModel, ImageFeatures
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -35,6 +40,7 @@ class ModelRunner:
         max_pages_per_seq: int,
         graph_query_lens: tuple[int, ...] = (),
         graph_batch_sizes: tuple[int, ...] = (),
+        cpu_compile: bool = False,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -46,10 +52,28 @@ class ModelRunner:
         self.max_pages_per_seq = max_pages_per_seq
         # the CPU attention path (server.engine.cpu_attention); False: the kernels.ops reference
         self.cpu_attention = device.type == "cpu" and not use_triton(device)
+        # torch.compile'd decoder for the CPU path's passes (server.engine.cpu_compile)
+        self.compiled: CompiledDecoder | None = None
+        if cpu_compile and self.cpu_attention:
+            self.compiled = self._compile_cpu(model)
         self.vision = VisionRunner(model.vision, device) if model.vision is not None else None
         self.graphs: GraphRunner | None = None
         if graph_query_lens and graph_batch_sizes:
             self.graphs = self.graph_runner(graph_batch_sizes, graph_query_lens, capture=device.type == "cuda")
+
+    def _compile_cpu(self, model: DecoderModel) -> CompiledDecoder | None:
+        """The compiled decoder, warmed up; None (and the eager fast path with its prepacked
+        weights) where compiling fails, e.g. on a machine without a C++ compiler."""
+        try:
+            compiled = CompiledDecoder(model)
+            seconds = compiled.warm_up(self.kv.k_cache, self.kv.v_cache, self.kv.scale)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: serve eagerly instead
+            log.warning("--cpu-compile: compiling the decoder failed, running eagerly (%s: %s)",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            model.prepack_cpu_weights()
+            return None
+        log.info("compiled the decoder for the CPU in %.1f s", seconds)
+        return compiled
 
     def graph_runner(self, batch_sizes: tuple[int, ...], query_lens: tuple[int, ...], capture: bool) -> GraphRunner:
         """A CUDA-graph runner over this runner's model and cache (``capture=False``: the
@@ -66,7 +90,10 @@ class ModelRunner:
         if self.cpu_attention and not any(hb.mask_block):
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
                                     hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
-            return self.model(torch.tensor(hb.input_ids), torch.tensor(hb.positions), ctx, lora_rows, image_features)
+            ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
+            if self.compiled is not None and lora_rows is None and image_features is None:
+                return self.compiled(ids, positions, ctx)
+            return self.model(ids, positions, ctx, lora_rows, image_features)
         tables = padded_tables(hb.tables, len(hb.tables), max(1, max(len(t) for t in hb.tables)))
         attention = AttentionMetadata(
             block_tables=tables.to(self.device, non_blocking=True),

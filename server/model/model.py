@@ -232,13 +232,14 @@ class DecoderModel(nn.Module):
             layer.mlp.fuse_projections()
         self.fused_kernels = True
 
-    def prepack_cpu_weights(self) -> None:
+    def prepack_cpu_weights(self, layers: bool = True) -> None:
         """After ``fuse_projections``, on the CPU: keep oneDNN-blocked copies of the projection
-        and head weights where ``kernels.cpu_ops`` says they pay (bf16/fp16); the dense
-        weights stay (training, the embedding a tied head shares). Same results."""
+        (``layers=False``: none; a compiled decoder packs its own) and head weights where
+        ``kernels.cpu_ops`` says they pay (bf16/fp16); the dense weights stay (training, the
+        embedding a tied head shares). Same results."""
         assert self.fused_kernels, "fuse_projections() first"
         pack = cpu_ops.prepack_linear_weight
-        for layer in self.layers:
+        for layer in self.layers if layers else ():
             attn, mlp = layer.self_attn, layer.mlp
             assert attn.qkv_proj is not None and mlp.gate_up_proj is not None
             qkv, o = pack(attn.qkv_proj.weight), pack(attn.o_proj.weight)
