@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: the engine's choice)")
+    p.add_argument("--compile", action="store_true", help="our engine with --cpu-compile")
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     ours = LLMEngine(load_model(args.model, dtype=dtype), EngineConfig(model=args.model, max_model_len=1024, kv_cache_tokens=32768,
-                                                                        cpu_threads=args.threads))
-    print(f"model {args.model} ({args.dtype}), {torch.get_num_threads()} threads, {args.new_tokens} new tokens")
+                                                                        cpu_threads=args.threads, cpu_compile=args.compile))
+    print(f"model {args.model} ({args.dtype}), {torch.get_num_threads()} threads, {args.new_tokens} new tokens"
+          f"{', ours compiled' if ours.runner.compiled is not None else ''}")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ratio':>6}")
     for batch in args.batches:
         prompts = [PROMPTS[i % len(PROMPTS)] + (" " * (i // len(PROMPTS))) for i in range(batch)]

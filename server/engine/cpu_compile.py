@@ -18,8 +18,9 @@ Invariants:
   else in the graph reads or writes the caches, and layer ``i + 1``'s call depends on layer
   ``i``'s output, so the compiler can neither drop nor reorder the calls.
 
-Measured on a 2-vCPU Xeon (AVX-512, AMX), SmolLM2-135M, one sitting: a pass is 1.1-1.3x
-faster than eager; compiling costs a minute or two at start-up (docs/benchmarks.md).
+Measured on a 2-vCPU Xeon (AVX-512, AMX), SmolLM2-135M: a pass 1.0-1.3x faster than eager,
+served tokens/s 1.0-1.2x; compiling costs 20 s (embedded model) to 2 minutes (135M) at
+start-up, every time (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -8,18 +8,21 @@ eagerly. Both paths share ``HostBatch``.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.ops import AttentionMetadata, use_triton
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
 from server.engine.cpu_attention import CpuPagedAttention
-from server.engine.cpu_compile import CompiledDecoder
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
 from server.engine.vision_runner import VisionRunner
 from server.engine.work import Work
 from server.model.model import DecoderModel, ImageFeatures
+
+if TYPE_CHECKING:
+    from server.engine.cpu_compile import CompiledDecoder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class ModelRunner:
     def _compile_cpu(self, model: DecoderModel) -> CompiledDecoder | None:
         """The compiled decoder, warmed up; None (and the eager fast path with its prepacked
         weights) where compiling fails, e.g. on a machine without a C++ compiler."""
+        from server.engine.cpu_compile import CompiledDecoder  # imports inductor: only when asked
+
         try:
             compiled = CompiledDecoder(model)
             seconds = compiled.warm_up(self.kv.k_cache, self.kv.v_cache, self.kv.scale)
