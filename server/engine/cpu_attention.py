@@ -60,6 +60,20 @@ def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len:
     return visible.repeat(1, group, 1).unsqueeze(1)
 
 
+def _prefix_rows(tables: list[list[int]], ctx_lens: list[int], prefix_len: int, page_size: int,
+                 own_slots: list[list[int]] | None) -> torch.Tensor:
+    """``[S * K]`` flat cache rows: per segment, positions ``0..ctx-1`` through its pages, row
+    0 as padding up to ``prefix_len`` (masked out), then its ``own_slots`` when given
+    (``K = prefix_len + L``). Built with tensor ops, not a Python loop per cached token."""
+    num_pages = -(-prefix_len // page_size)
+    pages = torch.tensor([t[:num_pages] + [0] * (num_pages - len(t[:num_pages])) for t in tables], dtype=torch.int64)
+    rows = (pages[:, :, None] * page_size + torch.arange(page_size)).view(len(tables), -1)[:, :prefix_len]
+    rows = rows.masked_fill(torch.arange(prefix_len) >= torch.tensor(ctx_lens)[:, None], 0)
+    if own_slots is not None:
+        rows = torch.cat([rows, torch.tensor(own_slots, dtype=torch.int64)], dim=1)
+    return rows.reshape(-1)
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without a dispatch when it is already that dtype (called per layer)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -108,14 +122,8 @@ class CpuPagedAttention:
             stored = all(slots[t] >= 0 for s in seqs for t in range(query_start_loc[s], query_start_loc[s + 1]))
             prefix_rows = None
             if prefix_len > 0 or stored:
-                flat = []
-                for s, c in zip(seqs, ctx):
-                    pages = tables[s]
-                    flat.extend(pages[p // page_size] * page_size + p % page_size for p in range(c))
-                    flat.extend([0] * (prefix_len - c))  # padding: any valid row, masked out
-                    if stored:
-                        flat.extend(slots[query_start_loc[s] : query_start_loc[s + 1]])
-                prefix_rows = torch.tensor(flat, dtype=torch.int64)
+                own = [slots[query_start_loc[s] : query_start_loc[s + 1]] for s in seqs] if stored else None
+                prefix_rows = _prefix_rows([tables[s] for s in seqs], ctx, prefix_len, page_size, own)
             mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group)
             self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
 

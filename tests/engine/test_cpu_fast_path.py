@@ -18,7 +18,7 @@ import torch
 
 from kernels.attention_metadata import AttentionMetadata
 from kernels.reference import paged_attention_reference, store_kv_reference
-from server.engine.cpu_attention import CpuPagedAttention
+from server.engine.cpu_attention import CpuPagedAttention, _prefix_rows
 from server.engine.cpu_threads import configure_cpu_threads, default_cpu_threads
 from server.engine.modes.diffusion import DENOISE
 from server.engine.modes.self_spec import DRAFT, VERIFY
@@ -181,3 +181,20 @@ def test_cpu_threads_default_uses_every_core(monkeypatch: pytest.MonkeyPatch) ->
             configure_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_rows_follow_the_page_tables(seed: int) -> None:
+    """Every cached position maps to page * page_size + offset of its own table; padding is
+    row 0; the segment's own slots follow when it stores its K/V."""
+    rnd = random.Random(seed)
+    page_size = rnd.choice([1, 4, 16])
+    ctx = [rnd.choice([0, 1, page_size, 37]) for _ in range(rnd.randint(1, 5))]
+    tables = [rnd.sample(range(200), -(-c // page_size) + rnd.randint(0, 2)) for c in ctx]
+    own = [[rnd.randrange(3200) for _ in range(3)] for _ in ctx] if seed % 2 else None
+    prefix_len = max(ctx)
+    want = []
+    for i, (t, c) in enumerate(zip(tables, ctx)):
+        want += [t[p // page_size] * page_size + p % page_size for p in range(c)] + [0] * (prefix_len - c)
+        want += own[i] if own is not None else []
+    assert _prefix_rows(tables, ctx, prefix_len, page_size, own).tolist() == want
