@@ -41,7 +41,7 @@ class SegmentGroup:
     prefix_rows: torch.Tensor | None  # [S * K] flat cache rows to read per segment; None: nothing to read
     prefix_len: int  # P: the longest prefix in the group
     stored: bool  # the segments' own K/V are read from the cache too (K = P + L; else K = P)
-    mask: torch.Tensor | None  # [S, 1, G * L, P + L] bool (True = visible); None = all visible
+    mask: torch.Tensor | None  # [S, 1, G * L, P + L] additive: 0 visible, -inf hidden; None = all visible
 
 
 def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len: int, group: int) -> torch.Tensor | None:
@@ -72,6 +72,11 @@ def _prefix_rows(tables: list[list[int]], ctx_lens: list[int], prefix_len: int, 
     if own_slots is not None:
         rows = torch.cat([rows, torch.tensor(own_slots, dtype=torch.int64)], dim=1)
     return rows.reshape(-1)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16 attends in bf16 (the flash kernel accumulates in fp32); everything else in fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,6 +130,8 @@ class CpuPagedAttention:
                 own = [slots[query_start_loc[s] : query_start_loc[s + 1]] for s in seqs] if stored else None
                 prefix_rows = _prefix_rows([tables[s] for s in seqs], ctx, prefix_len, page_size, own)
             mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group)
+            if mask is not None:  # additive, once per step: SDPA would convert a bool mask in every layer
+                mask = torch.zeros(mask.shape, dtype=_math_dtype(k_cache.dtype)).masked_fill_(~mask, float("-inf"))
             self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -162,10 +169,10 @@ class CpuPagedAttention:
                 keys, values = torch.cat([_as(pk, k.dtype), keys], dim=1), torch.cat([_as(pv, v.dtype), values], dim=1)
         # queries of one KV head side by side: [S, Hkv, G * L, D], row g * L + i
         qh = q.view(s, n, hkv, self.group, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, self.group * n, d)
-        math_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+        math_dtype = _math_dtype(q.dtype)
         out = F.scaled_dot_product_attention(
             _as(qh, math_dtype), _as(keys.transpose(1, 2), math_dtype), _as(values.transpose(1, 2), math_dtype),
-            attn_mask=g.mask, scale=self.scale,
+            attn_mask=None if g.mask is None else _as(g.mask, math_dtype), scale=self.scale,
         )  # [S, Hkv, G * L, D]
         out = out.view(s, hkv, self.group, n, d).permute(0, 3, 1, 2, 4).reshape(s * n, hq, d)
         return _as(out, q.dtype)
