@@ -7,9 +7,9 @@ lists (``HostBatch``) and every layer reuses it:
 
 * the flat cache rows to write (``slot >= 0``) and the rows of the batch they come from;
 * per group of segments of one query length ``L``: the batch rows of its queries, the flat
-  cache rows of each segment's prefix (padded to the group's longest prefix) and the boolean
-  visibility mask, laid out for queries grouped by KV head (row ``g * L + i``), or None when
-  every key is visible.
+  cache rows of each segment's prefix (padded to the group's longest prefix) and the
+  visibility mask (additive: 0 or -inf, in the attention's math dtype), laid out for queries
+  grouped by KV head (row ``g * L + i``), or None when every key is visible.
 
 Per layer: one ``index_copy_`` per cache for the stores, then per group one ``index_select``
 per cache (prefix and, for segments that store their K/V, their own rows read back; other
