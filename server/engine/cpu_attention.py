@@ -44,10 +44,12 @@ class SegmentGroup:
     mask: torch.Tensor | None  # [S, 1, G * L, P + L] additive: 0 visible, -inf hidden; None = all visible
 
 
-def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len: int, group: int) -> torch.Tensor | None:
+def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len: int, group: int,
+                dtype: torch.dtype) -> torch.Tensor | None:
     """Visibility of key ``j`` (prefix slots ``0..P-1``, then the segment's ``L`` keys) to
     query ``i``: a real prefix key (``j < ctx``), or a segment key at or before ``i`` (causal)
-    or anywhere in the segment (bidirectional)."""
+    or anywhere in the segment (bidirectional). Additive (0 or -inf) in ``dtype``: SDPA would
+    convert a bool mask in every layer; this is built once per step."""
     padded = any(c != prefix_len for c in ctx_lens)
     if not padded and not (q_len > 1 and any(causal)):
         return None
@@ -57,7 +59,8 @@ def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len:
     seg = key - prefix_len  # index within the segment; negative in the prefix area
     is_causal = torch.tensor(causal)[:, None, None]
     visible = (key < ctx) | ((seg >= 0) & (~is_causal | (seg <= query)))  # [S, L, P + L]
-    return visible.repeat(1, group, 1).unsqueeze(1)
+    hidden = ~visible.repeat(1, group, 1).unsqueeze(1)
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
 
 
 def _prefix_rows(tables: list[list[int]], ctx_lens: list[int], prefix_len: int, page_size: int,
@@ -129,9 +132,7 @@ class CpuPagedAttention:
             if prefix_len > 0 or stored:
                 own = [slots[query_start_loc[s] : query_start_loc[s + 1]] for s in seqs] if stored else None
                 prefix_rows = _prefix_rows([tables[s] for s in seqs], ctx, prefix_len, page_size, own)
-            mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group)
-            if mask is not None:  # additive, once per step: SDPA would convert a bool mask in every layer
-                mask = torch.zeros(mask.shape, dtype=_math_dtype(k_cache.dtype)).masked_fill_(~mask, float("-inf"))
+            mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group, _math_dtype(k_cache.dtype))
             self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
