@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
+    p.add_argument("--ab-gemv", action="store_true",
+                   help="interleave passes with and without kernels.cpu_gemv and print both (few-row passes)")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_dir} ({args.dtype}), {torch.get_num_threads()} torch threads, context {args.context}, "
           f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
     print(f"code {args.code}, {'compiled' if getattr(engine.runner, 'compiled', None) is not None else 'eager'}")
+    if args.ab_gemv:
+        return _ab_gemv(engine, reqs, kinds, args)
     print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'cpu ms p50':>10} {'tok/s':>9}")
     for name, make in kinds.items():
         for b in args.batches:
@@ -109,6 +113,28 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(5):
                         engine.runner.run(batch)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+def _ab_gemv(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def]
+    """Each pass alternately with and without the few-row kernel, so both see the same machine."""
+    from kernels import cpu_gemv
+
+    print(f"kernels.cpu_gemv available: {cpu_gemv.available()} (at most {cpu_gemv.MAX_ROWS} rows)")
+    print(f"{'pass':<26} {'batch':>5} {'gemv ms':>8} {'gemm ms':>8} {'speed-up':>8}")
+    for name, make in kinds.items():
+        for b in args.batches:
+            batch = [(r, make()) for r in reqs[:b]]
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for i in range(2 * args.repeats + 4):
+                cpu_gemv.enabled = i % 2 == 0
+                t0 = time.perf_counter()
+                engine.runner.run(batch)
+                if i >= 4:
+                    times[cpu_gemv.enabled].append(time.perf_counter() - t0)
+            cpu_gemv.enabled = True
+            on, off = statistics.median(times[True]), statistics.median(times[False])
+            print(f"{name:<26} {b:>5} {on * 1e3:>8.2f} {off * 1e3:>8.2f} {off / on:>8.2f}", flush=True)
     return 0
 
 

@@ -7,7 +7,9 @@ own fused path passes tensors it built itself, so on the CPU it calls these inst
 ``kernels.ops.fused_ops``). Same math as ``kernels.reference`` (fp32, results in the
 inputs' dtype); the rotary is written with fewer aten calls.
 
-GEMMs: bf16/fp16 weights can be reordered once into oneDNN's blocked layout
+GEMMs: a pass of at most four rows (a decode step at batch 1-4, a small block) goes through
+``kernels.cpu_gemv``, which streams the weights at close to the memory bandwidth. Larger passes:
+bf16/fp16 weights can be reordered once into oneDNN's blocked layout
 (``prepack_linear_weight``); the GEMM then skips the per-call reorder (1.1-1.7x faster per
 projection at 1-256 rows on an AVX-512/AMX Xeon, bit-identical results; slower at 512 rows,
 so larger passes take the plain GEMM). fp32 weights stay dense: there the packed GEMM was
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from kernels import cpu_gemv
 from kernels.reference import rms_norm_reference, silu_mul_reference
 
 rms_norm = rms_norm_reference
@@ -42,8 +45,11 @@ PACKED_MAX_ROWS = 256
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T`` (no bias); through the ``packed`` copy of ``weight`` when given, for at
-    most ``PACKED_MAX_ROWS`` rows."""
+    """``x @ weight.T`` (no bias): at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv``
+    (eager only: a compiled graph keeps its packed GEMMs); else through the ``packed`` copy of
+    ``weight`` when given, for at most ``PACKED_MAX_ROWS`` rows."""
+    if not torch.compiler.is_compiling() and cpu_gemv.applies(x, weight):
+        return cpu_gemv.linear(x, weight)
     if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return F.linear(x, weight)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")

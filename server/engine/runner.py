@@ -96,7 +96,8 @@ class ModelRunner:
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
                                     hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
             ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
-            if self.compiled is not None and lora_rows is None and image_features is None:
+            if (self.compiled is not None and lora_rows is None and image_features is None
+                    and self.compiled.runs(len(hb.input_ids))):
                 return self.compiled(ids, positions, ctx)
             return self.model(ids, positions, ctx, lora_rows, image_features)
         tables = padded_tables(hb.tables, len(hb.tables), max(1, max(len(t) for t in hb.tables)))

@@ -250,6 +250,6 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the given hidden rows."""
-        if self.packed_head is not None:
+        if self.fused_kernels and hidden.device.type == "cpu":
             return cpu_ops.linear(hidden, self.head.weight, self.packed_head).float()
         return self.head(hidden).float()

@@ -2,7 +2,8 @@
 
 * logits of prefill, decode, denoise, draft, verify and ragged passes through the compiled
   decoder against the unfused model on the reference attention, fp32 within 1e-5, with no
-  graph compiled after the warm-up's two (one token, several tokens);
+  graph compiled after the warm-up's two (one token, several tokens); passes of 1-4 rows
+  leave the graph for the eager few-row kernel where it is built;
 * on the embedded model, every mode's greedy output through the compiled engine is the
   eager engine's, token for token (batched and alone), and self_spec still equals AR greedy.
 """
@@ -16,7 +17,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from kernels import cpu_ops
+from kernels import cpu_gemv, cpu_ops
 from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.cpu_compile import CompiledDecoder
 from server.engine.engine import LLMEngine
@@ -31,7 +32,12 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
 
 
 @needs_compiler
-def test_compiled_logits_equal_reference_and_graphs_are_reused() -> None:
+@pytest.mark.parametrize("few_row_kernel", [False, True])
+def test_compiled_logits_equal_reference_and_graphs_are_reused(few_row_kernel: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if few_row_kernel and not cpu_gemv.available():
+        pytest.skip("no C compiler for kernels/cpu_gemv.c")
+    monkeypatch.setattr(cpu_gemv, "enabled", few_row_kernel)
     fast = make_engine(_fresh_model("tiny"), cpu_compile=True)
     compiled = fast.runner.compiled
     assert compiled is not None
@@ -47,8 +53,10 @@ def test_compiled_logits_equal_reference_and_graphs_are_reused() -> None:
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs_before, "a pass recompiled"
-    # every pass but the drafts that use the adapter went through the graph, whatever its length
-    assert len(calls) == 8 - int(fast.model.has_draft_lora) and len(set(calls)) >= 3
+    # every pass but the drafts that use the adapter went through the graph, whatever its
+    # length; with the few-row kernel, the three 2-row decode passes ran eagerly through it
+    assert len(calls) == 8 - int(fast.model.has_draft_lora) - 3 * few_row_kernel and len(set(calls)) >= 3
+    assert not few_row_kernel or min(calls) > cpu_gemv.MAX_ROWS
 
 
 @needs_compiler
