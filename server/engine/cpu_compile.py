@@ -9,13 +9,14 @@ which calls the attention context of the pass being run (``_ACTIVE``).
 
 Invariants:
 
-* one graph per token-count class (dynamo specialises a count of 1; every larger count
-  shares the dynamic graph), whatever the batch's modes: masks and cache writes live inside
-  the attention op, so decode, prefill, denoise, draft and verify passes reuse the graphs;
+* two graphs, whatever the batch's modes (masks and cache writes live inside the attention
+  op, so decode, prefill, denoise, draft and verify passes reuse them): one token, whose
+  projections are the opaque ``nld::cpu_few_row_linear`` (``kernels.cpu_gemv``, which
+  streams the weights about twice as fast as oneDNN's packed GEMM at one bf16 row), and
+  every larger count in one dynamic graph with oneDNN's packed GEMMs;
 * only passes without draft-adapter rows or image features run compiled (the rest run the
-  eager model, which has the same weights), and only those too wide for ``kernels.cpu_gemv``:
-  a pass of 1-4 rows runs eagerly through that kernel, which streams the weights about twice
-  as fast as oneDNN's GEMM at one row (see ``runs``);
+  eager model, which has the same weights), and not those of 2-4 rows that
+  ``kernels.cpu_gemv`` takes: those run eagerly through it (see ``runs``);
 * the op declares no mutated inputs although it writes layer ``i``'s cache slice: nothing
   else in the graph reads or writes the caches, and layer ``i + 1``'s call depends on layer
   ``i``'s output, so the compiler can neither drop nor reorder the calls.
@@ -28,12 +29,14 @@ start-up, every time (docs/benchmarks.md).
 from __future__ import annotations
 
 import time
+from types import ModuleType
 from typing import Callable
 
 import torch
 from torch._inductor import config as inductor_config
+from torch.nn import functional as F
 
-from kernels import cpu_gemv
+from kernels import cpu_gemv, cpu_ops
 from server.engine.cpu_attention import CpuPagedAttention
 from server.model.model import DecoderModel
 
@@ -52,6 +55,28 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer
 @cpu_paged_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("nld::cpu_few_row_linear", mutates_args=())
+def cpu_few_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` through ``kernels.cpu_gemv`` where it applies, else the plain GEMM."""
+    if cpu_gemv.applies(x, weight):
+        return cpu_gemv.linear(x, weight)
+    return F.linear(x, weight)
+
+
+@cpu_few_row_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _few_row_ops() -> ModuleType:
+    """``kernels.cpu_ops`` with the projections as the opaque ``nld::cpu_few_row_linear``:
+    the ops the one-token graph is traced with (the fused elementwise loops stay compiled)."""
+    ops = ModuleType("nld_few_row_ops")
+    ops.rms_norm, ops.rotary_qk, ops.silu_mul = cpu_ops.rms_norm, cpu_ops.rotary_qk, cpu_ops.silu_mul
+    ops.linear = lambda x, weight, packed=None: torch.ops.nld.cpu_few_row_linear(x, weight)
+    return ops
 
 
 class _OpAttention:
@@ -75,12 +100,15 @@ class CompiledDecoder:
         forward = model.forward
         self._compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.compile(
             lambda ids, positions: forward(ids, positions, op_ctx), dynamic=True)
+        few_row_ops = _few_row_ops()
+        self._one_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.compile(
+            lambda ids, positions: forward(ids, positions, op_ctx, ops=few_row_ops), dynamic=True)
 
     def runs(self, num_tokens: int) -> bool:
-        """Whether a pass of ``num_tokens`` rows should run compiled: not where the eager
-        path's few-row kernel takes it (1.3-1.6x faster than this graph at one bf16 row on
-        SmolLM2-135M, where the GEMMs are the whole cost)."""
-        return not cpu_gemv.takes(num_tokens, self.model.embed_tokens.weight.dtype)
+        """Whether a pass of ``num_tokens`` rows should run compiled: one token always (its
+        graph calls the few-row kernel); 2-4 not where that kernel takes them (the eager path
+        then beats the packed-GEMM graph)."""
+        return num_tokens == 1 or not cpu_gemv.takes(num_tokens, self.model.embed_tokens.weight.dtype)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: CpuPagedAttention) -> torch.Tensor:
         """Final hidden states ``[T, hidden]``; ``ctx`` stores and attends for every layer."""
@@ -89,7 +117,8 @@ class CompiledDecoder:
             # freezing (weights as constants, packed for oneDNN) is read when a graph compiles;
             # torch.compile's options= does not reach it, so it is patched around every call
             with inductor_config.patch(freezing=True):
-                return self._compiled(input_ids, positions)
+                graph = self._one_token if input_ids.numel() == 1 else self._compiled
+                return graph(input_ids, positions)
         finally:
             _ACTIVE[0] = None
 

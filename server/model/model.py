@@ -191,17 +191,19 @@ class DecoderModel(nn.Module):
         ctx: AttentionContext,
         lora_rows: torch.Tensor | None = None,
         image_features: ImageFeatures | None = None,
+        ops: ModuleType | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the last norm), shape ``[..., T, hidden]``.
         ``lora_rows`` (bool, shaped like input_ids) selects rows that use the draft adapter;
-        ``image_features`` replaces the embeddings of image placeholder rows."""
+        ``image_features`` replaces the embeddings of image placeholder rows; ``ops``
+        overrides ``kernels.ops.fused_ops`` on the fused path (a compiled graph's own ops)."""
         rope = self.rope_tables(positions)
         x = self.embed_tokens(input_ids)
         if image_features is not None:
             flat = x.reshape(-1, x.shape[-1]).index_copy(0, image_features.rows, image_features.features.to(x.dtype))
             x = flat.view(x.shape)
         if self.fused_kernels:
-            ops = kernel_ops.fused_ops(x.device)
+            ops = ops or kernel_ops.fused_ops(x.device)
             residual = None
             for layer in self.layers:
                 x, residual = layer.forward_fused(x, residual, rope, ctx, lora_rows, ops)

@@ -22,6 +22,7 @@ from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.cpu_compile import CompiledDecoder
 from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from server.engine.work import DECODE, PREFILL, Work
 from server.options import GENERATE, add_arguments, resolve
 from tests.engine.helpers import make_engine
 from tests.engine.test_cpu_fast_path import _drive, _fresh_model
@@ -66,13 +67,53 @@ def test_bf16_graph_packs_every_projection_and_stays_close_to_eager() -> None:
         pytest.skip("this CPU has no oneDNN bf16")
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     fast = make_engine(model, cpu_compile=True)
-    # two graphs x (qkv, o, gate/up, down) per layer, all through oneDNN's packed GEMM
-    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == 2 * 4 * len(model.layers)
+    # the several-token graph: (qkv, o, gate/up, down) per layer, all through oneDNN's packed
+    # GEMM (the one-token graph's projections are the few-row kernel's op)
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == 4 * len(model.layers)
     assert fast.model.packed_head is not None
     eager = make_engine(_fresh_model("tiny").to(torch.bfloat16))
     for a, b in zip(_drive(fast, False, 2), _drive(eager, False, 2)):
         # other roundings of the same bf16 math: within a few bf16 steps of the logits' scale
         assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_graph_runs_the_few_row_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone decode pass goes through the one-token graph, whose projections call
+    ``kernels.cpu_gemv`` (bf16; fp32 keeps MKL's one-row GEMV); its logits equal the eager
+    path's."""
+    if not cpu_gemv.available():
+        pytest.skip("no C compiler for kernels/cpu_gemv.c")
+    fast = make_engine(_fresh_model("tiny").to(dtype), cpu_compile=True)
+    eager = make_engine(_fresh_model("tiny").to(dtype))
+    assert fast.runner.compiled is not None
+    kernel_calls = {"n": 0}
+    original = cpu_gemv.linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kernel_calls["n"] += 1
+        return original(x, weight)
+
+    monkeypatch.setattr(cpu_gemv, "linear", spy)
+    graph_calls = []
+    inner = fast.runner.compiled._one_token
+    fast.runner.compiled._one_token = lambda ids, pos: graph_calls.append(len(ids)) or inner(ids, pos)
+    params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
+    logits = []
+    for engine in (fast, eager):
+        req = engine.add_request("r", [5, 9, 11, 40, 7], params)
+        engine.kv.allocate(req.table, 16)
+        engine.runner.run([(req, Work(PREFILL, req.prompt_ids, [4]))])
+        req.num_computed = 5
+        kernel_calls["n"] = 0
+        logits.append(engine.runner.run([(req, Work(DECODE, [13], [0]))])[0])
+        if engine is fast:
+            layers = len(fast.model.layers)
+            assert graph_calls == [1]
+            assert kernel_calls["n"] == (4 * layers + 1 if dtype == torch.bfloat16 else 0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits[0], logits[1], atol=tol * logits[1].abs().max().item(), rtol=0)
 
 
 def test_failed_compile_falls_back_to_the_eager_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
