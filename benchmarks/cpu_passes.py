@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--context", type=int, default=128)
+    p.add_argument("--ragged", action="store_true",
+                   help="sequence i holds context - i % 8 tokens (lengths differ, as when serving)")
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--draft", type=int, default=3, help="verify pass length is draft + 1")
     p.add_argument("--repeats", type=int, default=20)
@@ -41,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab-gemv", action="store_true",
-                   help="interleave passes with and without kernels.cpu_gemv and print both (few-row passes)")
+    p.add_argument("--ab", choices=["gemv", "attention"], default=None,
+                   help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
+                        "projections; kernels.cpu_paged_attention: short-segment attention) and print both")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
     from server.engine.modes.diffusion import DENOISE
     from server.engine.modes.self_spec import VERIFY
-    from server.engine.work import DECODE, Work
+    from server.engine.work import DECODE, PREFILL, Work
     from server.model.loader import load_model
 
     if args.model == "smollm2":
@@ -66,17 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     params = RequestParams(SamplingParams(max_tokens=1), DecodeParams(mode="ar"))
     reqs = []
     for i in range(max(args.batches)):
-        req = engine.add_request(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(args.context)], params)
+        length = args.context - (i % 8 if args.ragged else 0)
+        req = engine.add_request(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(length)], params)
         reqs.append(req)
     # prefill every sequence once (writes its K/V), then keep it resident at that length
-    while any(r.num_computed < args.context for r in reqs):
-        for req, work in engine.scheduler.schedule():
-            if req.num_computed < args.context:
-                engine.runner.run([(req, work)])
-                req.num_computed += len(work)
     for r in reqs:
-        need = args.context + args.block + 1
-        engine.kv.allocate(r.table, need)
+        engine.kv.allocate(r.table, args.context + max(args.block, args.draft + 1) + 1)
+        engine.runner.run([(r, Work(PREFILL, r.prompt_ids, [len(r.prompt_ids) - 1]))])
+        r.num_computed = len(r.prompt_ids)
 
     kinds = {
         "decode (1 tok)": lambda: Work(DECODE, [11], logit_rows=[0]),
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_dir} ({args.dtype}), {torch.get_num_threads()} torch threads, context {args.context}, "
           f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
     print(f"code {args.code}, {'compiled' if getattr(engine.runner, 'compiled', None) is not None else 'eager'}")
-    if args.ab_gemv:
-        return _ab_gemv(engine, reqs, kinds, args)
+    if args.ab is not None:
+        return _ab_kernel(engine, reqs, kinds, args)
     print(f"{'pass':<26} {'batch':>5} {'ms p50':>8} {'ms min':>8} {'cpu ms p50':>10} {'tok/s':>9}")
     for name, make in kinds.items():
         for b in args.batches:
@@ -116,25 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ab_gemv(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def]
-    """Each pass alternately with and without the few-row kernel, so both see the same machine."""
-    from kernels import cpu_gemv
+def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def]
+    """Each pass alternately with and without one C kernel, so both see the same machine.
+    The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
+    from kernels import cpu_gemv, cpu_paged_attention
 
-    print(f"kernels.cpu_gemv available: {cpu_gemv.available()} (at most {cpu_gemv.MAX_ROWS} rows)")
-    print(f"{'pass':<26} {'batch':>5} {'gemv ms':>8} {'gemm ms':>8} {'speed-up':>8}")
+    kernel = cpu_gemv if args.ab == "gemv" else cpu_paged_attention
+    print(f"{kernel.__name__} available: {kernel.available()}")
+    print(f"{'pass':<26} {'batch':>5} {'kernel ms':>9} {'without':>8} {'speed-up':>8}")
     for name, make in kinds.items():
         for b in args.batches:
             batch = [(r, make()) for r in reqs[:b]]
             times: dict[bool, list[float]] = {True: [], False: []}
             for i in range(2 * args.repeats + 4):
-                cpu_gemv.enabled = i % 2 == 0
+                kernel.enabled = i % 2 == 0
                 t0 = time.perf_counter()
                 engine.runner.run(batch)
                 if i >= 4:
-                    times[cpu_gemv.enabled].append(time.perf_counter() - t0)
-            cpu_gemv.enabled = True
+                    times[kernel.enabled].append(time.perf_counter() - t0)
+            kernel.enabled = True
             on, off = statistics.median(times[True]), statistics.median(times[False])
-            print(f"{name:<26} {b:>5} {on * 1e3:>8.2f} {off * 1e3:>8.2f} {off / on:>8.2f}", flush=True)
+            print(f"{name:<26} {b:>5} {on * 1e3:>9.2f} {off * 1e3:>8.2f} {off / on:>8.2f}", flush=True)
     return 0
 
 

@@ -1,10 +1,7 @@
 """Few-row projections on the CPU through ``kernels/cpu_gemv.c`` (see its header for why).
 
-The C source is compiled on first use with the machine's C compiler (``$CC``, else ``cc``;
-``-O3 -march=native -fopenmp``) into ``~/.cache/nld-server/kernels`` (``$NLD_KERNEL_CACHE``
-overrides), keyed by a hash of the source, the flags and this CPU's feature flags, and loaded
-with ctypes (which releases the GIL for the call). Without a compiler, or with
-``NLD_CPU_GEMV=0``, ``available()`` is False and callers keep their GEMM.
+Built on first use by ``kernels.cpu_build``. Without a C compiler, or with ``NLD_CPU_GEMV=0``,
+``available()`` is False and callers keep their GEMM.
 
 ``linear`` computes fp32 dot products (bf16 inputs widened exactly) and rounds the output to the
 weight's dtype; only the summation order differs from oneDNN/MKL.
@@ -14,20 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows oneDNN's packed GEMM wins (all the projections of SmolLM2-135M, bf16, on
 # an AVX-512/AMX Xeon: 1.5-1.7x faster here at 1-2 rows, 1.2x at 4, even at 8, 0.4x at 16).
 MAX_ROWS = 4
@@ -39,51 +30,12 @@ _FUNCTIONS = {torch.bfloat16: "nld_linear_bf16", torch.float32: "nld_linear_f32"
 enabled = True
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NLD_KERNEL_CACHE", Path.home() / ".cache" / "nld-server" / "kernels"))
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _build(compiler: str, flags: list[str] = FLAGS) -> Path:
-    """The shared library built from ``SOURCE`` with ``flags``, from the cache when present."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gemv-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True, capture_output=True, timeout=120)
-        os.replace(built, target)  # atomic: concurrent builders leave one complete file
-    return target
-
-
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("NLD_CPU_GEMV", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler: few-row CPU projections use the plain GEMM")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        stderr = getattr(exc, "stderr", b"") or b""
-        log.warning("building kernels/cpu_gemv.c failed (%s); few-row CPU projections use the plain GEMM. %s",
-                    exc, stderr.decode(errors="replace")[-500:])
-        return None
-    return _bind(lib)
+    lib = cpu_build.load(SOURCE)
+    return None if lib is None else _bind(lib)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -1,0 +1,105 @@
+"""``kernels.cpu_paged_attention`` (the C short-segment attention) against float64 attention
+over the same pages, for every code path the C source has (AVX-512, AVX2, plain C)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import cpu_build, cpu_paged_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_paged_attention.available(),
+                                  reason="no C compiler to build kernels/cpu_paged_attention.c")
+
+
+def _case(seed: int, dtype: torch.dtype, group: int, d: int):
+    """Random pages and segments (context, queries, causal) -> plan, tensors, dense float64 answer."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    num_pages, page_size, hkv = 30, 4, 2
+    kc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    free = list(range(num_pages))
+    rnd.shuffle(free)
+    specs = [(rnd.choice([0, 1, 4, 7, 13]), rnd.choice([1, 1, 2, 5]), rnd.random() < 0.5) for _ in range(5)]
+    q_start, q_len, ctx, causal, tables = [], [], [], [], []
+    t = 0
+    for c, n, is_causal in specs:
+        tables.append([free.pop() for _ in range(-(-c // page_size))])
+        q_start.append(t), q_len.append(n), ctx.append(c), causal.append(is_causal)
+        t += n + 1  # a row between segments that no segment owns
+    q = torch.randn(t, hkv * group, d, generator=g).to(dtype)
+    kv = torch.randn(t, 2 * hkv, d, generator=g).to(dtype)
+    k, v = kv[:, :hkv], kv[:, hkv:]  # strided views, as the model's fused QKV gives them
+    scale = 1 / math.sqrt(d)
+    want = torch.zeros(t, hkv * group, d, dtype=torch.float64)
+    for s in range(len(specs)):
+        rows = [p * page_size + j % page_size for j, p in enumerate(tables[s][j // page_size] for j in range(ctx[s]))]
+        keys = torch.cat([kc.reshape(-1, hkv, d)[rows], k[q_start[s] : q_start[s] + q_len[s]]]).double()
+        vals = torch.cat([vc.reshape(-1, hkv, d)[rows], v[q_start[s] : q_start[s] + q_len[s]]]).double()
+        for i in range(q_len[s]):
+            seen = ctx[s] + (i + 1 if causal[s] else q_len[s])
+            for head in range(hkv * group):
+                kvh = head // group
+                w = torch.softmax(keys[:seen, kvh] @ q[q_start[s] + i, head].double() * scale, dim=0)
+                want[q_start[s] + i, head] = w @ vals[:seen, kvh]
+    plan = cpu_paged_attention.SegmentPlan(q_start, q_len, ctx, causal, tables)
+    return plan, (q, k, v, kc, vc), scale, want, q_start, q_len
+
+
+def _check(lib, seed: int, dtype: torch.dtype, group: int, d: int) -> None:  # type: ignore[no-untyped-def]
+    plan, (q, k, v, kc, vc), scale, want, q_start, q_len = _case(seed, dtype, group, d)
+    out = torch.full(q.shape, 7.0, dtype=dtype)
+    cpu_paged_attention.attend(plan, q, k, v, kc, vc, out, scale, lib)
+    owned = torch.zeros(q.shape[0], dtype=torch.bool)
+    for a, n in zip(q_start, q_len):
+        owned[a : a + n] = True
+    assert (out[~owned] == 7.0).all(), "rows outside the segments are not written"
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's one rounding
+    torch.testing.assert_close(out[owned].double(), want[owned], atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_float64_attention_over_the_pages(seed: int, group: int, dtype: torch.dtype) -> None:
+    _check(None, seed, dtype, group, 16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_other_instruction_sets(isa: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
+    cc = cpu_build.compiler()
+    assert cc is not None
+    flags = {"avx2": ["-mavx2", "-mfma", "-mno-avx512f"], "plain": ["-mno-avx", "-mno-avx2", "-mno-avx512f"]}[isa]
+    lib = cpu_paged_attention._bind(ctypes.CDLL(str(cpu_build.build(
+        cpu_paged_attention.SOURCE, cc, ["-O2", *flags, "-fopenmp", "-shared", "-fPIC"]))))
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in (16, 12):  # 12: not a multiple of the vector width
+            _check(lib, 5, dtype, 3, d)
+
+
+@needs_kernel
+def test_head_dim_not_a_multiple_of_the_vector_width() -> None:
+    _check(None, 6, torch.float32, 2, 12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_task_split_per_segment_or_per_head(threads: int) -> None:
+    """Five segments are one task each at 1-2 threads and a task per (segment, KV head) at 8
+    (fewer segments than twice the threads): the same answer either way."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for dtype in (torch.float32, torch.bfloat16):
+            _check(None, 11, dtype, 3, 16)
+    finally:
+        torch.set_num_threads(before)
