@@ -45,7 +45,7 @@ def _ragged_case(seed: int, dtype: torch.dtype, group: int):
     rnd.shuffle(free)
     # (context, query length, causal): decodes, a causal chunk, bidirectional blocks, empty prefix
     specs = [(rnd.choice([0, 3, 4, 9, 17]), rnd.choice([1, 1, 3, 5]), rnd.random() < 0.6) for _ in range(6)]
-    specs += [(0, 4, True), (6, 5, False)]
+    specs += [(0, 4, True), (6, 5, False), (10, 1, True)]
     slots, ctx_lens, qsl, causal, tables = [], [], [0], [], []
     for ctx, n, is_causal in specs:
         pages = [free.pop() for _ in range(-(-(ctx + n) // page_size))]
@@ -77,13 +77,13 @@ def _reference(host, tensors, scale: float, layer: int):
 @pytest.fixture(params=["sdpa", "kernel", "mixed"])
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which of CpuPagedAttention's two paths the segments take: gather + SDPA, the C kernel
-    (``kernels.cpu_paged_attention``), or both in one batch (segments of 1-3 queries in the
-    kernel, longer ones through SDPA)."""
+    (``kernels.cpu_paged_attention``) for every segment whatever its length, or both in one
+    batch as served (decode rows in the kernel, longer segments through SDPA)."""
     if request.param != "sdpa" and not cpu_paged_attention.available():
         pytest.skip("no C compiler for kernels/cpu_paged_attention.c")
     monkeypatch.setattr(cpu_paged_attention, "enabled", request.param != "sdpa")
-    if request.param == "mixed":
-        monkeypatch.setattr(cpu_attention, "NATIVE_MAX_QUERY_LEN", 3)
+    if request.param == "kernel":
+        monkeypatch.setattr(cpu_attention, "NATIVE_MAX_QUERY_LEN", 1 << 20)
     return request.param
 
 
