@@ -44,8 +44,9 @@ def _cpu_flags() -> str:
 
 
 def build(source: Path, cc: str, flags: list[str] = FLAGS) -> Path:
-    """The shared library built from ``source`` with ``flags``, from the cache when present."""
-    text = source.read_bytes()
+    """The shared library built from ``source`` with ``flags``, from the cache when present.
+    The cache key covers the headers next to the source (``#include "cpu_bf16.h"``) too."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(text + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():

@@ -4,16 +4,16 @@ rules, its build cache and fallbacks, and the fused model through it."""
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from kernels import cpu_build, cpu_gemv, cpu_ops
+from kernels import cpu_gemv, cpu_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
+from tests.fixtures.c_kernels import build_for_isa
 from tests.fixtures.tiny_models import random_model
 
 needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build kernels/cpu_gemv.c")
@@ -77,11 +77,7 @@ def test_leading_dims_strided_inputs_and_nan() -> None:
 def test_other_instruction_sets(isa: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AVX2 and plain-C code paths (what a CPU without AVX-512 builds) give the same sums."""
     monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
-    compiler = cpu_build.compiler()
-    assert compiler is not None
-    flags = {"avx2": ["-mavx2", "-mfma", "-mno-avx512f"], "plain": ["-mno-avx", "-mno-avx2", "-mno-avx512f"]}[isa]
-    built = cpu_build.build(cpu_gemv.SOURCE, compiler, ["-O2", *flags, "-fopenmp", "-shared", "-fPIC"])
-    lib = cpu_gemv._bind(ctypes.CDLL(str(built)))
+    lib = cpu_gemv._bind(build_for_isa(cpu_gemv.SOURCE, isa))
     g = torch.Generator().manual_seed(9)
     for rows, (n, k) in ((1, (13, 37)), (3, (130, 250)), (4, (9, 16))):
         for dtype in (torch.float32, torch.bfloat16):

@@ -3,7 +3,6 @@ over the same pages, for every code path the C source has (AVX-512, AVX2, plain 
 
 from __future__ import annotations
 
-import ctypes
 import math
 import random
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_build, cpu_paged_attention
+from kernels import cpu_paged_attention
+from tests.fixtures.c_kernels import build_for_isa
 
 needs_kernel = pytest.mark.skipif(not cpu_paged_attention.available(),
                                   reason="no C compiler to build kernels/cpu_paged_attention.c")
@@ -76,11 +76,7 @@ def test_equals_float64_attention_over_the_pages(seed: int, group: int, dtype: t
 @pytest.mark.parametrize("isa", ["avx2", "plain"])
 def test_other_instruction_sets(isa: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
-    cc = cpu_build.compiler()
-    assert cc is not None
-    flags = {"avx2": ["-mavx2", "-mfma", "-mno-avx512f"], "plain": ["-mno-avx", "-mno-avx2", "-mno-avx512f"]}[isa]
-    lib = cpu_paged_attention._bind(ctypes.CDLL(str(cpu_build.build(
-        cpu_paged_attention.SOURCE, cc, ["-O2", *flags, "-fopenmp", "-shared", "-fPIC"]))))
+    lib = cpu_paged_attention._bind(build_for_isa(cpu_paged_attention.SOURCE, isa))
     for dtype in (torch.float32, torch.bfloat16):
         for d in (16, 12):  # 12: not a multiple of the vector width
             _check(lib, 5, dtype, 3, d)
