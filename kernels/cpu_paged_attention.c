@@ -2,11 +2,12 @@
  *
  * The PyTorch path gathers every segment's cached keys and values into new tensors in every
  * layer (one index_select per cache) and runs SDPA on them; at batch 16 over a few hundred
- * cached tokens the gathers and the per-call overhead cost more than the arithmetic. Here
- * each (segment, KV head) pair is one task: its queries (the segment's L tokens times the G
- * query heads that share the KV head) walk the keys in order, reading the cached prefix
- * through the segment's page table and the segment's own keys from the pass's fresh K/V, with
- * exact softmax in fp32 (scores, max, exponentials, weighted sum of values).
+ * cached tokens the gathers, the mask and the per-call overhead cost more than the
+ * arithmetic. Here a segment (or, with few segments, a segment's KV head) is one task: its
+ * queries (the segment's L tokens times the query heads) walk the keys in order, reading the
+ * cached prefix through the segment's page table and the segment's own keys from the pass's
+ * fresh K/V, with exact softmax in fp32 (scores, max, exponentials, weighted sum of values).
+ * The engine sends it decode rows (L = 1); the kernel itself takes any L.
  *
  * Visibility (the attention contract): every query sees the ctx cached keys, then the
  * segment's own keys up to and including its position (causal) or all of them
@@ -46,7 +47,8 @@ static inline void widen(const void* p, float* dst, int64_t d, int bf16) {
 }
 
 /* x[i] = exp(x[i]) for x[i] <= 0 (scores minus their maximum): Cody-Waite range reduction and
- * a degree-6 polynomial, within 2 ulp of expf; below -87 the result is 0 (expf: < 2^-126). */
+ * Cephes' degree-7 polynomial, within 1.3 ulp of exp over [-87, 0] (checked against float64);
+ * below -87 the result is 0 (exp < 2^-125 there). */
 static inline void exp_nonpositive(float* x, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -59,7 +61,8 @@ static inline void exp_nonpositive(float* x, int64_t n) {
         const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(k, ln2_hi, v);
         r = _mm512_fnmadd_ps(k, ln2_lo, r);
-        __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
