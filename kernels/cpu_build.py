@@ -59,8 +59,11 @@ def build(source: Path, cc: str, flags: list[str] = FLAGS) -> Path:
     return target
 
 
-def load(source: Path) -> ctypes.CDLL | None:
-    """``source`` built (or found in the cache) and loaded; None where it cannot be."""
+def load(source: Path, switch: str) -> ctypes.CDLL | None:
+    """``source`` built (or found in the cache) and loaded; None where it cannot be or where
+    the environment variable ``switch`` is ``0``."""
+    if os.environ.get(switch, "1") == "0":
+        return None
     cc = compiler()
     if cc is None:
         log.info("no C compiler: %s is not used, the PyTorch path runs instead", source.name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -32,9 +31,7 @@ enabled = True
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("NLD_CPU_GEMV", "1") == "0":
-        return None
-    lib = cpu_build.load(SOURCE)
+    lib = cpu_build.load(SOURCE, "NLD_CPU_GEMV")
     return None if lib is None else _bind(lib)
 
 

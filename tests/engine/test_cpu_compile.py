@@ -25,6 +25,7 @@ from server.engine.params import DecodeParams, RequestParams, SamplingParams
 from server.engine.work import DECODE, PREFILL, Work
 from server.options import GENERATE, add_arguments, resolve
 from tests.engine.helpers import make_engine
+from tests.fixtures.spy import count_calls
 from tests.engine.test_cpu_fast_path import _drive, _fresh_model
 
 # inductor compiles C++; without a compiler the engine falls back to eager (tested below)
@@ -88,14 +89,7 @@ def test_one_token_graph_runs_the_few_row_kernel(dtype: torch.dtype, monkeypatch
     fast = make_engine(_fresh_model("tiny").to(dtype), cpu_compile=True)
     eager = make_engine(_fresh_model("tiny").to(dtype))
     assert fast.runner.compiled is not None
-    kernel_calls = {"n": 0}
-    original = cpu_gemv.linear
-
-    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        kernel_calls["n"] += 1
-        return original(x, weight)
-
-    monkeypatch.setattr(cpu_gemv, "linear", spy)
+    kernel_calls = count_calls(monkeypatch, cpu_gemv, "linear")
     graph_calls = []
     inner = fast.runner.compiled._one_token
     fast.runner.compiled._one_token = lambda ids, pos: graph_calls.append(len(ids)) or inner(ids, pos)

@@ -14,6 +14,7 @@ from kernels import cpu_gemv, cpu_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
 from tests.fixtures.c_kernels import build_for_isa
+from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
 needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build kernels/cpu_gemv.c")
@@ -145,14 +146,7 @@ def test_fused_model_few_rows_through_the_kernel(dtype: torch.dtype, monkeypatch
     fused = copy.deepcopy(model)
     fused.fuse_projections()
     model, fused = model.to(dtype), fused.to(dtype)
-    calls = {"n": 0}
-    original = cpu_gemv.linear
-
-    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return original(x, weight)
-
-    monkeypatch.setattr(cpu_gemv, "linear", spy)
+    calls = count_calls(monkeypatch, cpu_gemv, "linear")
     g = torch.Generator().manual_seed(8)
     for batch, t in ((1, 1), (2, 1), (1, 4), (4, 1)):
         if dtype == torch.float32 and batch * t < cpu_gemv.MIN_ROWS_FP32:

@@ -12,6 +12,7 @@ from kernels import cpu_ops, reference
 from kernels import ops as kernel_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
+from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -60,14 +61,7 @@ def test_fused_model_on_cpu_matches_unfused(start: int, monkeypatch: pytest.Monk
     model = random_model(tiny_nld_config(), seed=3)
     fused = copy.deepcopy(model)
     fused.fuse_projections()
-    calls = {"n": 0}
-    original = cpu_ops.rotary_qk
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        return original(*args)
-
-    monkeypatch.setattr(cpu_ops, "rotary_qk", spy)
+    calls = count_calls(monkeypatch, cpu_ops, "rotary_qk")
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(start))
     pos = torch.arange(start, start + 9).expand(2, 9)
     mask = torch.ones(9, 9, dtype=torch.bool).tril()
