@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--ragged", action="store_true",
-                   help="sequence i holds context - i % 8 tokens (lengths differ, as when serving)")
+                   help="sequence i holds context - i %% 8 tokens (lengths differ, as when serving)")
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--draft", type=int, default=3, help="verify pass length is draft + 1")
     p.add_argument("--repeats", type=int, default=20)
