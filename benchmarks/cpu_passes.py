@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab", choices=["gemv", "attention"], default=None,
+    p.add_argument("--ab", choices=["gemv", "attention", "amx", "elementwise"], default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
-                        "projections; kernels.cpu_paged_attention: short-segment attention) and print both")
+                        "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
+                        "bf16 projections of 5+ rows, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
+                        "RMSNorm, rotary, silu * up) and print both")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -116,25 +118,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _amx_switch(model):  # type: ignore[no-untyped-def]
+    """A function that puts the model's AMX-packed weights (True) or oneDNN-packed copies
+    (False) in place: both sets are made up front."""
+    from kernels import cpu_amx
+
+    def packs() -> list:
+        return [(layer.self_attn.packed, layer.mlp.packed) for layer in model.layers] + [model.packed_head]
+
+    tiles = packs()
+    cpu_amx.enabled = False
+    model.prepack_cpu_weights()
+    onednn = packs()
+    cpu_amx.enabled = True
+
+    def use(on: bool) -> None:
+        chosen = tiles if on else onednn
+        for layer, (attn, mlp) in zip(model.layers, chosen):
+            layer.self_attn.packed, layer.mlp.packed = attn, mlp
+        model.packed_head = chosen[-1]
+
+    return use
+
+
 def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def]
     """Each pass alternately with and without one C kernel, so both see the same machine.
     The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
-    from kernels import cpu_gemv, cpu_paged_attention
+    from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention
 
-    kernel = cpu_gemv if args.ab == "gemv" else cpu_paged_attention
+    kernel = {"gemv": cpu_gemv, "attention": cpu_paged_attention, "amx": cpu_amx,
+              "elementwise": cpu_elementwise}[args.ab]
     print(f"{kernel.__name__} available: {kernel.available()}")
+    use = _amx_switch(engine.model) if args.ab == "amx" else lambda on: setattr(kernel, "enabled", on)
     print(f"{'pass':<26} {'batch':>5} {'kernel ms':>9} {'without':>8} {'speed-up':>8}")
     for name, make in kinds.items():
         for b in args.batches:
             batch = [(r, make()) for r in reqs[:b]]
             times: dict[bool, list[float]] = {True: [], False: []}
             for i in range(2 * args.repeats + 4):
-                kernel.enabled = i % 2 == 0
+                use(i % 2 == 0)
                 t0 = time.perf_counter()
                 engine.runner.run(batch)
                 if i >= 4:
-                    times[kernel.enabled].append(time.perf_counter() - t0)
-            kernel.enabled = True
+                    times[i % 2 == 0].append(time.perf_counter() - t0)
+            use(True)
             on, off = statistics.median(times[True]), statistics.median(times[False])
             print(f"{name:<26} {b:>5} {on * 1e3:>9.2f} {off * 1e3:>8.2f} {off / on:>8.2f}", flush=True)
     return 0

@@ -1,7 +1,8 @@
 """Build and load the project's C kernels for the CPU (``kernels/*.c``) at run time.
 
 A source is compiled on first use with the machine's C compiler (``$CC``, else ``cc`` or
-``gcc``; ``-O3 -march=native -fopenmp``) into ``~/.cache/nld-server/kernels``
+``gcc``; ``-O3 -march=native -ffp-contract=off -fopenmp``: products and sums rounded as
+written) into ``~/.cache/nld-server/kernels``
 (``$NLD_KERNEL_CACHE`` overrides), named by a hash of the source, the compiler, the flags and
 this CPU's feature flags, and loaded with ctypes (which releases the GIL during calls). The
 OpenMP runtime is torch's own (same soname, loaded first), so the kernels share its threads.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
 def cache_dir() -> Path:

@@ -1,19 +1,21 @@
-"""The fused model path's elementwise ops on the CPU, without argument checks.
+"""The fused model path's ops on the CPU, without argument checks.
 
 ``kernels.ops`` is the public, checked API: every call validates shapes, dtypes and devices
 before dispatching, which on the CPU costs more than the arithmetic of a one-token decode
 step (tens of microseconds per call, 90 calls per step on a 30-layer model). The model's
 own fused path passes tensors it built itself, so on the CPU it calls these instead (see
 ``kernels.ops.fused_ops``). Same math as ``kernels.reference`` (fp32, results in the
-inputs' dtype); the rotary is written with fewer aten calls.
+inputs' dtype): one C call per op (``kernels.cpu_elementwise``) where it is built, else
+PyTorch (the rotary written with fewer aten calls).
 
 GEMMs: a pass of at most four rows (a decode step at batch 1-4, a small block) goes through
-``kernels.cpu_gemv``, which streams the weights at close to the memory bandwidth. Larger passes:
-bf16/fp16 weights can be reordered once into oneDNN's blocked layout
-(``prepack_linear_weight``); the GEMM then skips the per-call reorder (1.1-1.7x faster per
-projection at 1-256 rows on an AVX-512/AMX Xeon, bit-identical results; slower at 512 rows,
-so larger passes take the plain GEMM). fp32 weights stay dense: there the packed GEMM was
-slower at one row.
+``kernels.cpu_gemv``, which streams the weights at close to the memory bandwidth. Larger passes
+of at most ``PACKED_MAX_ROWS`` rows use a copy of the weight reordered once
+(``prepack_linear_weight``): on a CPU with AMX-BF16, the tiles of ``kernels.cpu_amx``
+(1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's blocked layout for bf16/fp16, which
+skips the plain GEMM's per-call reorder (1.1-1.7x faster per projection at 1-256 rows on an
+AVX-512 Xeon, bit-identical results; slower at 512 rows, so larger passes take the plain GEMM).
+fp32 weights stay dense: there the packed GEMM was slower at one row.
 """
 
 from __future__ import annotations
@@ -21,16 +23,36 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kernels import cpu_gemv
+from kernels import cpu_amx, cpu_elementwise, cpu_gemv
 from kernels.reference import rms_norm_reference, silu_mul_reference
 
-rms_norm = rms_norm_reference
-silu_mul = silu_mul_reference
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``kernels.reference.rms_norm_reference``."""
+    operands = (x, weight) if residual is None else (x, weight, residual)
+    if cpu_elementwise.applies(*operands):
+        return cpu_elementwise.add_rms_norm(x, weight, eps, residual)
+    return rms_norm_reference(x, weight, eps, residual)
 
 
-def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a ``[N, K]`` weight for ``linear``, or None where packing does
-    not pay or cannot run (fp32, no oneDNN, a CPU without bf16/fp16 support)."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """As ``kernels.reference.silu_mul_reference``."""
+    if cpu_elementwise.applies(gate_up):
+        return cpu_elementwise.silu_mul(gate_up)
+    return silu_mul_reference(gate_up)
+
+
+# a weight reordered once for ``linear``: AMX tiles, or oneDNN's blocked tensor
+PackedWeight = torch.Tensor | cpu_amx.AmxWeight
+
+
+def prepack_linear_weight(weight: torch.Tensor) -> PackedWeight | None:
+    """A copy of a ``[N, K]`` weight reordered for ``linear``: ``kernels.cpu_amx``'s tiles where
+    that kernel runs, else oneDNN's blocked layout; None where packing does not pay or cannot
+    run (fp32, no oneDNN, a CPU without bf16/fp16 support)."""
+    if cpu_amx.packs(weight):
+        return cpu_amx.pack(weight)
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
@@ -44,7 +66,7 @@ def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
 PACKED_MAX_ROWS = 256
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
     """``x @ weight.T`` (no bias): at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv``
     (eager only: a compiled graph keeps its packed GEMMs); else through the ``packed`` copy of
     ``weight`` when given, for at most ``PACKED_MAX_ROWS`` rows."""
@@ -52,6 +74,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
         return cpu_gemv.linear(x, weight)
     if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return F.linear(x, weight)
+    if isinstance(packed, cpu_amx.AmxWeight):
+        return cpu_amx.linear(x, packed)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -75,6 +99,8 @@ def rotary_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``kernels.ops.rotary_qk``: neox rotary of ``q`` with the query tables and ``k`` with
     the plain ones; ``q``/``k`` may be strided views; outputs are new contiguous tensors."""
+    if cpu_elementwise.applies(q, k) and cos.dtype == sin.dtype == cos_q.dtype == sin_q.dtype == torch.float32:
+        return cpu_elementwise.rotary_qk(q, k, cos_q, sin_q, cos, sin)
     signed = _signed_sin(sin)
     signed_q = signed if sin_q is sin else _signed_sin(sin_q)
     return _rotate(q, cos_q, signed_q), _rotate(k, cos, signed)

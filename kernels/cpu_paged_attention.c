@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "cpu_bf16.h"
+#include "cpu_exp.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -46,31 +47,16 @@ static inline void widen(const void* p, float* dst, int64_t d, int bf16) {
     for (; i < d; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
-/* x[i] = exp(x[i]) for x[i] <= 0 (scores minus their maximum): Cody-Waite range reduction and
- * Cephes' degree-7 polynomial, within 1.3 ulp of exp over [-87, 0] (checked against float64);
+/* x[i] = exp(x[i]) for x[i] <= 0 (scores minus their maximum), within 1.3 ulp (cpu_exp.h);
  * below -87 the result is 0 (exp < 2^-125 there). */
 static inline void exp_nonpositive(float* x, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693359375f),
-                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-87.0f);
+    const __m512 lo = _mm512_set1_ps(-87.0f);
     for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(x + i);
+        const __m512 v = _mm512_loadu_ps(x + i);
         const __mmask16 tiny = _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ);
-        v = _mm512_max_ps(v, lo);
-        const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(k, ln2_hi, v);
-        r = _mm512_fnmadd_ps(k, ln2_lo, r);
-        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-        const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-        v = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-        _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps((__mmask16)~tiny, v));
+        _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps((__mmask16)~tiny, exp_ps512(_mm512_max_ps(v, lo))));
     }
 #endif
     for (; i < n; i++) x[i] = expf(x[i]);

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernels import cpu_ops
 from kernels import ops as kernel_ops
 from kernels.reference import rms_norm_reference, rotate_half_reference
 from server.model.config import RopeConfig
@@ -32,8 +33,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
-        # set by DecoderModel.prepack_cpu_weights(): oneDNN layouts of the gate/up and down weights
-        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # set by DecoderModel.prepack_cpu_weights(): reordered copies of the gate/up and down weights
+        self.packed: tuple[cpu_ops.PackedWeight, cpu_ops.PackedWeight] | None = None
 
     def fuse_projections(self) -> None:
         """Replace gate/up by one fused projection (same math, one GEMM instead of two)."""

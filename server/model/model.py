@@ -91,8 +91,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         self.draft_lora: LoraDelta | None = None  # applied only on draft rows (self-speculation)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections() (inference on GPU)
-        # set by DecoderModel.prepack_cpu_weights(): oneDNN layouts of the qkv and o weights
-        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # set by DecoderModel.prepack_cpu_weights(): reordered copies of the qkv and o weights
+        self.packed: tuple[cpu_ops.PackedWeight, cpu_ops.PackedWeight] | None = None
 
     def fuse_projections(self) -> None:
         """Replace q/k/v by one fused projection (same math, one GEMM instead of three)."""
@@ -128,7 +128,7 @@ class Attention(nn.Module):
         return self._output(ctx.attend(self.layer, q, k, v), lora_rows, ops, packed[1])
 
     def _output(self, attn: torch.Tensor, lora_rows: torch.Tensor | None, ops: ModuleType | None = None,
-                packed_o: torch.Tensor | None = None) -> torch.Tensor:
+                packed_o: cpu_ops.PackedWeight | None = None) -> torch.Tensor:
         """o_proj (through ``ops.linear`` on the fused path) and the draft adapter on its rows."""
         attn = attn.reshape(*attn.shape[:-2], self.num_heads * self.head_dim)
         out = self.o_proj(attn) if ops is None else ops.linear(attn, self.o_proj.weight, packed_o)
@@ -178,7 +178,7 @@ class DecoderModel(nn.Module):
         self.vision = VisionEncoder(config.vision) if config.vision is not None else None
         # set by fuse_projections(): residual adds fused into the RMSNorm kernels
         self.fused_kernels = False
-        self.packed_head: torch.Tensor | None = None  # set by prepack_cpu_weights()
+        self.packed_head: cpu_ops.PackedWeight | None = None  # set by prepack_cpu_weights()
 
     @property
     def has_draft_lora(self) -> bool:
@@ -235,10 +235,11 @@ class DecoderModel(nn.Module):
         self.fused_kernels = True
 
     def prepack_cpu_weights(self, layers: bool = True) -> None:
-        """After ``fuse_projections``, on the CPU: keep oneDNN-blocked copies of the projection
-        (``layers=False``: none; a compiled decoder packs its own) and head weights where
-        ``kernels.cpu_ops`` says they pay (bf16/fp16); the dense weights stay (training, the
-        embedding a tied head shares). Same results."""
+        """After ``fuse_projections``, on the CPU: keep reordered copies (AMX tiles or oneDNN's
+        blocked layout) of the projection (``layers=False``: none; a compiled decoder packs its
+        own) and head weights where ``kernels.cpu_ops`` says they pay (bf16/fp16); the dense
+        weights stay (training, the embedding a tied head shares). The same products, summed
+        in another order."""
         assert self.fused_kernels, "fuse_projections() first"
         pack = cpu_ops.prepack_linear_weight
         for layer in self.layers if layers else ():

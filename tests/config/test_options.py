@@ -121,7 +121,7 @@ def test_environment_errors_name_the_variable(env: dict, message: str) -> None:
 
 def test_foreign_nld_variables_are_ignored() -> None:
     env = {"NLD_MODEL_DIR": "/models", "NLD_EXTRA_ARGS": "--x", "NLD_FORCE_TRITON": "1", "NLD_HOST_PORT": "8001",
-           "NLD_SOMETHING_ELSE": "1", "NLD_CPU_GEMV": "0", "NLD_CPU_ATTENTION_KERNEL": "0",
+           "NLD_SOMETHING_ELSE": "1", "NLD_CPU_GEMV": "0", "NLD_CPU_ATTENTION_KERNEL": "0", "NLD_CPU_AMX": "0", "NLD_CPU_ELEMENTWISE": "0",
            "NLD_KERNEL_CACHE": "/tmp/k"}
     assert resolve(SERVE, parse([]), env).sources["host"] == "default"
 
