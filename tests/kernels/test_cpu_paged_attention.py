@@ -21,12 +21,14 @@ def _case(seed: int, dtype: torch.dtype, group: int, d: int):
     """Random pages and segments (context, queries, causal) -> plan, tensors, dense float64 answer."""
     g = torch.Generator().manual_seed(seed)
     rnd = random.Random(seed)
-    num_pages, page_size, hkv = 30, 4, 2
+    num_pages, page_size, hkv = 128, 4, 2
     kc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
     vc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
     free = list(range(num_pages))
     rnd.shuffle(free)
-    specs = [(rnd.choice([0, 1, 4, 7, 13]), rnd.choice([1, 1, 2, 5]), rnd.random() < 0.5) for _ in range(5)]
+    # contexts below, at and across the kernel's blocks of 16 keys (ragged tails included)
+    specs = [(rnd.choice([0, 1, 4, 7, 13, 15, 16, 31, 45, 77]), rnd.choice([1, 1, 2, 5]), rnd.random() < 0.5)
+             for _ in range(5)]
     q_start, q_len, ctx, causal, tables = [], [], [], [], []
     t = 0
     for c, n, is_causal in specs:
@@ -85,6 +87,14 @@ def test_other_instruction_sets(isa: str, tmp_path: Path, monkeypatch: pytest.Mo
 @needs_kernel
 def test_head_dim_not_a_multiple_of_the_vector_width() -> None:
     _check(None, 6, torch.float32, 2, 12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_heads(dtype: torch.dtype) -> None:
+    """head_dim 64 (several vectors per row, as in SmolLM2) with grouped query heads."""
+    for seed in (21, 22):
+        _check(None, seed, dtype, 3, 64)
 
 
 @needs_kernel
