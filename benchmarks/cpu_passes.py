@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab", choices=["gemv", "attention", "amx", "elementwise"], default=None,
+    p.add_argument("--ab", choices=["gemv", "attention", "amx", "elementwise", "packed"], default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
                         "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
                         "bf16 projections of 5+ rows, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
-                        "RMSNorm, rotary, silu * up) and print both")
+                        "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none) and print both")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -118,22 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _amx_switch(model):  # type: ignore[no-untyped-def]
-    """A function that puts the model's AMX-packed weights (True) or oneDNN-packed copies
-    (False) in place: both sets are made up front."""
+def _pack_switch(model, other: str):  # type: ignore[no-untyped-def]
+    """A function that puts the model's packed weights (True) or the ``other`` set (False) in
+    place: ``amx``: oneDNN-packed copies instead of AMX tiles; ``packed``: none (plain GEMMs).
+    Both sets are made up front."""
     from kernels import cpu_amx
 
     def packs() -> list:
         return [(layer.self_attn.packed, layer.mlp.packed) for layer in model.layers] + [model.packed_head]
 
     tiles = packs()
-    cpu_amx.enabled = False
-    model.prepack_cpu_weights()
-    onednn = packs()
-    cpu_amx.enabled = True
+    if other == "amx":
+        cpu_amx.enabled = False
+        model.prepack_cpu_weights()
+        cpu_amx.enabled = True
+        alternative = packs()
+    else:
+        alternative = [(None, None)] * len(model.layers) + [None]
 
     def use(on: bool) -> None:
-        chosen = tiles if on else onednn
+        chosen = tiles if on else alternative
         for layer, (attn, mlp) in zip(model.layers, chosen):
             layer.self_attn.packed, layer.mlp.packed = attn, mlp
         model.packed_head = chosen[-1]
@@ -146,10 +150,13 @@ def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def
     The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
     from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention
 
-    kernel = {"gemv": cpu_gemv, "attention": cpu_paged_attention, "amx": cpu_amx,
-              "elementwise": cpu_elementwise}[args.ab]
-    print(f"{kernel.__name__} available: {kernel.available()}")
-    use = _amx_switch(engine.model) if args.ab == "amx" else lambda on: setattr(kernel, "enabled", on)
+    if args.ab in ("amx", "packed"):
+        print(f"kernels.cpu_amx available: {cpu_amx.available()}")
+        use = _pack_switch(engine.model, args.ab)
+    else:
+        kernel = {"gemv": cpu_gemv, "attention": cpu_paged_attention, "elementwise": cpu_elementwise}[args.ab]
+        print(f"{kernel.__name__} available: {kernel.available()}")
+        use = lambda on: setattr(kernel, "enabled", on)  # noqa: E731
     print(f"{'pass':<26} {'batch':>5} {'kernel ms':>9} {'without':>8} {'speed-up':>8}")
     for name, make in kinds.items():
         for b in args.batches:

@@ -60,23 +60,12 @@ static void configure(int rows) {
 #endif
 #define TILE_BYTES 1024 /* one B tile: 16 pairs of k x 16 columns x 2 bf16 */
 
-/* fp32 to bf16, nearest even, 16 at a time; the same results as f32_to_bf16 */
-static inline void store_bf16(uint16_t* out, const float* in) {
-    const __m512i u = _mm512_loadu_si512(in);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi32_epi16(r));
-}
-
 /* C tile t (rows x 16 sums) into y's rows [m0, m0 + rows) and columns [col, col + 16) */
 #define STORE_C(t, m0, rows, col)                                                   \
     do {                                                                            \
         float sums[16][16];                                                         \
         _tile_stored(t, sums, 64);                                                  \
-        for (int r = 0; r < (rows); r++) store_bf16(y + ((m0) + r) * N + (col), sums[r]); \
+        for (int r = 0; r < (rows); r++) narrow(sums[r], y + ((m0) + r) * N + (col), 16, 1); \
     } while (0)
 
 /* x rows [m0, m0 + rows), rows <= 16, against the group's column blocks (1-4). */

@@ -25,44 +25,6 @@
 #define MAX_DIM 16384   /* widest row the stack buffers take (callers check) */
 #define PARALLEL 65536  /* elements per call below which one thread does it all */
 
-/* n values at p (bf16 or fp32) into dst (fp32) */
-static inline void widen(const void* p, float* dst, int64_t n, int bf16) {
-    if (!bf16) {
-        memcpy(dst, p, sizeof(float) * n);
-        return;
-    }
-    const uint16_t* src = (const uint16_t*)p;
-    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
-}
-
-/* n fp32 values into p (bf16 rounded to nearest even, or fp32) */
-static inline void narrow(const float* src, void* p, int64_t n, int bf16) {
-    if (!bf16) {
-        memcpy(p, src, sizeof(float) * n);
-        return;
-    }
-    uint16_t* dst = (uint16_t*)p;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {
-        const __m512i u = _mm512_loadu_si512(src + i);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                      _mm512_set1_epi32(0x7f800000));
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-        _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtepi32_epi16(r));
-    }
-#endif
-    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
-}
-
-/* what the value becomes when stored in the tensor's dtype */
-static inline void round_to_dtype(float* v, int64_t n, int bf16) {
-    if (!bf16) return;
-    for (int64_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
-}
-
 static inline float sum_of_squares(const float* v, int64_t n) {
     int64_t i = 0;
     float total = 0.f;

@@ -14,8 +14,10 @@ of at most ``PACKED_MAX_ROWS`` rows use a copy of the weight reordered once
 (``prepack_linear_weight``): on a CPU with AMX-BF16, the tiles of ``kernels.cpu_amx``
 (1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's blocked layout for bf16/fp16, which
 skips the plain GEMM's per-call reorder (1.1-1.7x faster per projection at 1-256 rows on an
-AVX-512 Xeon, bit-identical results; slower at 512 rows, so larger passes take the plain GEMM).
-fp32 weights stay dense: there the packed GEMM was slower at one row.
+AVX-512 Xeon, bit-identical results; slower at 512 rows, so larger passes take the plain GEMM);
+fp32 weights too (1.16-1.5x MKL's plain GEMM at 5-128 rows; MKL's own packed layout only pays
+at the one row count it was packed for). One fp32 row stays on MKL's sgemv, which is at the
+bandwidth already.
 """
 
 from __future__ import annotations
@@ -49,14 +51,15 @@ PackedWeight = torch.Tensor | cpu_amx.AmxWeight
 
 def prepack_linear_weight(weight: torch.Tensor) -> PackedWeight | None:
     """A copy of a ``[N, K]`` weight reordered for ``linear``: ``kernels.cpu_amx``'s tiles where
-    that kernel runs, else oneDNN's blocked layout; None where packing does not pay or cannot
-    run (fp32, no oneDNN, a CPU without bf16/fp16 support)."""
+    that kernel runs, else oneDNN's blocked layout; None where packing cannot run (no oneDNN,
+    a CPU without bf16/fp16 support)."""
     if cpu_amx.packs(weight):
         return cpu_amx.pack(weight)
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(weight.dtype)
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+                 torch.float32: lambda: True}.get(weight.dtype)
     if supported is None or not supported():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # layout tuned for 16 rows; any count works
@@ -72,7 +75,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = 
     ``weight`` when given, for at most ``PACKED_MAX_ROWS`` rows."""
     if not torch.compiler.is_compiling() and cpu_gemv.applies(x, weight):
         return cpu_gemv.linear(x, weight)
-    if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if packed is None or rows > PACKED_MAX_ROWS or (rows == 1 and weight.dtype == torch.float32):
         return F.linear(x, weight)
     if isinstance(packed, cpu_amx.AmxWeight):
         return cpu_amx.linear(x, packed)

@@ -27,26 +27,6 @@
 #include <immintrin.h>
 #endif
 
-/* row of D elements at p (bf16 or fp32) widened into dst (fp32) */
-static inline void widen(const void* p, float* dst, int64_t d, int bf16) {
-    if (!bf16) {
-        memcpy(dst, p, sizeof(float) * d);
-        return;
-    }
-    const uint16_t* src = (const uint16_t*)p;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= d; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + i))), 16)));
-#elif defined(__AVX2__)
-    for (; i + 8 <= d; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + i))), 16)));
-#endif
-    for (; i < d; i++) dst[i] = bf16_to_f32(src[i]);
-}
-
 /* x[i] = exp(x[i]) for x[i] <= 0 (scores minus their maximum), within 1.3 ulp (cpu_exp.h);
  * below -87 the result is 0 (exp < 2^-125 there). */
 static inline void exp_nonpositive(float* x, int64_t n) {
