@@ -61,12 +61,12 @@ def nld_decoding(model_dir: str | Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()).get("nld_decoding", {}) if path.is_file() else {}
 
 
-def make_engine(model_dir: str) -> Any:
+def make_engine(model_dir: str, dtype: str = "auto") -> Any:
     from server.config import EngineConfig
     from server.engine.engine import LLMEngine
 
     return LLMEngine.from_pretrained(EngineConfig(model=model_dir, max_model_len=512, kv_cache_tokens=16384, max_num_seqs=64,
-                                                  enable_prefix_caching=False))
+                                                  enable_prefix_caching=False, dtype=dtype))
 
 
 def run(engine: Any, prompts: list[list[int]], max_tokens: int, batch: int, **decode: Any) -> dict[str, Any]:
@@ -159,7 +159,8 @@ def heldout_ppl(model_dir: str, data: str, seq_len: int = 256) -> float:
 
 
 def compare(args: argparse.Namespace) -> str:
-    lines = [f"held-out prompts, greedy, {args.max_tokens} new tokens, {torch.get_num_threads()} CPU thread(s); each model's "
+    lines = [f"held-out prompts, greedy, {args.max_tokens} new tokens, {torch.get_num_threads()} CPU thread(s), dtype "
+             f"{args.dtype}; each model's "
              "`nld_decoding` settings (engine defaults where absent); tok/s measured in this one run", ""]
     if args.data:
         lines += ["| model | held-out AR perplexity (all 256-token windows) |", "|---|---|"]
@@ -168,7 +169,7 @@ def compare(args: argparse.Namespace) -> str:
     lines += ["| model | mode | settings | TPF | acceptance length | agreement with AR | AR ppl of output | tok/s batch 1 | "
               "tok/s batch 8 |", "|---|---|---|---|---|---|---|---|---|"]
     for model_dir in args.models:
-        engine = make_engine(model_dir)
+        engine = make_engine(model_dir, args.dtype)
         prompts = load_prompts(engine)
         speed_prompts = prompts[: args.speed_prompts]
         run(engine, prompts[:1], 8, 1, mode="ar")  # warm-up
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--data", default=None, help="data.npz of training.train (held-out perplexity on real text)")
     c.add_argument("--speed-prompts", type=int, default=8, help="prompts timed at batch 1 and batch 8")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the engine's dtype (auto: the server's default for the device)")
     p = sub.add_parser("prompts")
     p.add_argument("--data", required=True)
     p.add_argument("--plain", type=int, default=16)
