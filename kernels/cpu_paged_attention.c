@@ -128,6 +128,19 @@ static inline void prefetch_row(const void* p, int64_t d, int bf16) {
 #endif
 }
 
+/* Keys (or values) j .. j + count - 1 of heads h0 .. h0 + width / D - 1, widened into dst
+ * (count rows of width floats), with the row PF_KEYS keys ahead of each asked for. */
+static inline __attribute__((always_inline)) void load_rows(const Args* a, const void* cache, const void* fresh,
+                                                             int64_t stride, const int64_t* pages, int64_t ctx,
+                                                             int64_t q0, int64_t h0, int64_t j, int64_t count,
+                                                             int64_t n, float* dst, int64_t width, int bf16) {
+    for (int64_t t = 0; t < count; t++) {
+        if (j + t + PF_KEYS < n)
+            prefetch_row(key_row(a, cache, fresh, stride, pages, ctx, q0, h0, j + t + PF_KEYS, bf16), width, bf16);
+        widen(key_row(a, cache, fresh, stride, pages, ctx, q0, h0, j + t, bf16), dst + t * width, width, bf16);
+    }
+}
+
 /* One task: segment s, KV heads h0 .. h0 + nh - 1 (reading a token's keys of all nh heads
  * as one contiguous row keeps the cache reads sequential). Scratch: R * D query rows, R * D
  * accumulators, KEY_BLOCK key or value rows of nh heads and R * (ctx + L) scores, R = L * nh * G query
@@ -158,11 +171,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
 #if defined(__AVX512F__)
     /* KEY_BLOCK keys at a time: each query row's 16 dot products reduced together */
     for (; d % 16 == 0 && j + KEY_BLOCK <= N; j += KEY_BLOCK) {
-        for (int t = 0; t < KEY_BLOCK; t++) {
-            if (j + t + PF_KEYS < N)
-                prefetch_row(key_row(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j + t + PF_KEYS, bf16), width, bf16);
-            widen(key_row(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j + t, bf16), row + t * width, width, bf16);
-        }
+        load_rows(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j, KEY_BLOCK, N, row, width, bf16);
         for (int64_t r = 0; r < R; r++) {
             if (j >= visible[r]) continue; /* scores past visible[r] are written but never read */
             const float* qr = qf + r * d;
@@ -179,8 +188,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     }
 #endif
     for (; j < N; j++) {
-        if (j + PF_KEYS < N) prefetch_row(key_row(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j + PF_KEYS, bf16), width, bf16);
-        widen(key_row(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j, bf16), row, width, bf16);
+        load_rows(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j, 1, N, row, width, bf16);
         for (int64_t r = 0; r < R; r++)
             if (j < visible[r]) scores[r * N + j] = dot(qf + r * d, row + (r % per_token) / G * d, d) * a->scale;
     }
@@ -199,11 +207,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
 #if defined(__AVX512F__)
     /* KEY_BLOCK values at a time: each query row's accumulators are loaded and stored once */
     for (; d % 16 == 0 && j + KEY_BLOCK <= N; j += KEY_BLOCK) {
-        for (int t = 0; t < KEY_BLOCK; t++) {
-            if (j + t + PF_KEYS < N)
-                prefetch_row(key_row(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j + t + PF_KEYS, bf16), width, bf16);
-            widen(key_row(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j + t, bf16), row + t * width, width, bf16);
-        }
+        load_rows(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j, KEY_BLOCK, N, row, width, bf16);
         for (int64_t r = 0; r < R; r++) {
             const int64_t seen = visible[r] - j < KEY_BLOCK ? visible[r] - j : KEY_BLOCK;
             const float* vr = row + (r % per_token) / G * d;
@@ -218,8 +222,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     }
 #endif
     for (; j < N; j++) {
-        if (j + PF_KEYS < N) prefetch_row(key_row(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j + PF_KEYS, bf16), width, bf16);
-        widen(key_row(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j, bf16), row, width, bf16);
+        load_rows(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j, 1, N, row, width, bf16);
         for (int64_t r = 0; r < R; r++)
             if (j < visible[r]) axpy(acc + r * d, scores[r * N + j], row + (r % per_token) / G * d, d);
     }

@@ -14,6 +14,7 @@ import torch
 from kernels import cpu_amx, cpu_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
+from tests.fixtures.c_kernels import bf16_ulp
 from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
@@ -23,11 +24,6 @@ needs_amx = pytest.mark.skipif(not cpu_amx.available(), reason="no AMX-BF16 on t
 SHAPES = [(16, 32), (80, 64), (48, 96), (960, 576), (576, 1536)]
 # 1-16 rows: one chunk; 17-32: both halves of a chunk; more: several chunks, ragged last one
 ROWS = [1, 5, 16, 17, 31, 32, 33, 64, 100]
-
-
-def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-126)))
-    return torch.pow(2.0, exponent - 7)
 
 
 def test_pack_follows_the_documented_layout() -> None:
@@ -58,7 +54,7 @@ def test_products_are_the_fp32_sum_rounded_once(rows: int, n: int, k: int) -> No
     got = cpu_amx.linear(x, cpu_amx.pack(w))
     exact = x.double() @ w.double().T  # bf16 products are exact in float64
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    bound = 0.5 * _bf16_ulp(exact) + k * 2.0**-23 * (x.double().abs() @ w.double().abs().T) * 1.01
+    bound = 0.5 * bf16_ulp(exact) + k * 2.0**-23 * (x.double().abs() @ w.double().abs().T) * 1.01
     assert ((got.double() - exact).abs() <= bound).all()
     assert (got == exact.float().bfloat16()).float().mean() > 0.95
 

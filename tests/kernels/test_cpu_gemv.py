@@ -13,7 +13,7 @@ import torch
 from kernels import cpu_gemv, cpu_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
-from tests.fixtures.c_kernels import build_for_isa
+from tests.fixtures.c_kernels import bf16_ulp, build_for_isa
 from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
@@ -22,12 +22,6 @@ needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compile
 # odd sizes exercise every tail: N not a multiple of the 4-row blocks, K not a multiple of the
 # 16- or 8-wide vectors; the larger ones are real projection shapes
 SHAPES = [(1, 1), (7, 5), (13, 37), (130, 250), (640, 384), (1537, 1536)]
-
-
-def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bf16 numbers at |x| (8 significant bits)."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-126)))
-    return torch.pow(2.0, exponent - 7)
 
 
 @needs_kernel
@@ -54,7 +48,7 @@ def test_bf16_is_the_fp32_sum_rounded_once(rows: int, n: int, k: int) -> None:
     exact = x.double() @ w.double().T  # bf16 products are exact in float64
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # one rounding to bf16 (half an ulp) plus the fp32 summation error
-    bound = 0.5 * _bf16_ulp(exact) + k * 2.0**-23 * (x.double().abs() @ w.double().abs().T) * 1.01
+    bound = 0.5 * bf16_ulp(exact) + k * 2.0**-23 * (x.double().abs() @ w.double().abs().T) * 1.01
     assert ((got.double() - exact).abs() <= bound).all()
     # where the fp32 sum is far from a rounding boundary, the result is that sum rounded
     assert (got == exact.float().bfloat16()).float().mean() > 0.95
@@ -87,7 +81,7 @@ def test_other_instruction_sets(isa: str, tmp_path: Path, monkeypatch: pytest.Mo
             want = x.double() @ w.double().T
             bound = k * 2.0**-23 * (x.double().abs() @ w.double().abs().T) * 1.01
             if dtype == torch.bfloat16:
-                bound = bound + 0.5 * _bf16_ulp(want)
+                bound = bound + 0.5 * bf16_ulp(want)
             assert ((got - want).abs() <= bound).all(), (isa, rows, n, k, dtype)
 
 
