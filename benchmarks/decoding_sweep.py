@@ -8,7 +8,8 @@ Prompts: ``benchmarks/heldout_prompts.json``, text cut from the held-out split o
 training corpus (never used for training or distillation): plain passages and chat-wrapped
 openings. All decoding is greedy (temperature 0), ``ignore_eos``, ``--max-tokens`` new tokens.
 
-* ``sweep``: diffusion over block length x threshold, self_spec over draft length. TPF and
+* ``sweep``: diffusion over block length x threshold x lookahead (the commit pass also
+  proposes the next block; ``--lookahead off|on|both``), self_spec over draft length. TPF and
   acceptance are counts (emitted tokens / forward passes the request took part in), so the
   prompts run batched; quality = agreement with AR greedy (share of equal tokens) and the
   model's own AR perplexity of the output against AR output's. ``--write-defaults`` writes
@@ -107,7 +108,8 @@ def choose(diffusion_rows: list[dict[str, Any]], spec_rows: list[dict[str, Any]]
     else:
         best = min(diffusion_rows, key=lambda r: (r["ppl"], -r["tpf"]))
     spec = max(spec_rows, key=lambda r: (round(r["tpf"], 3), -r["draft_length"]))
-    return {"diffusion": {"block_length": best["block_length"], "threshold": best["threshold"]},
+    settings = {k: best[k] for k in ("block_length", "threshold", "lookahead") if k in best}
+    return {"diffusion": settings,
             "self_spec": {"draft_length": spec["draft_length"], "block_length": spec["draft_length"] + 1}}
 
 
@@ -119,22 +121,26 @@ def sweep(args: argparse.Namespace) -> str:
     ar_ppl = output_ppl(engine, prompts, ar["outputs"])
     lines = [f"model `{model_dir}`, {len(prompts)} held-out prompts, greedy, {args.max_tokens} new tokens; "
              f"AR output perplexity {ar_ppl:.2f}", "",
-             "| mode | block | threshold / draft | TPF | acceptance length | agreement with AR | AR ppl of output |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | block | threshold / draft | lookahead | TPF | acceptance length | agreement with AR | AR ppl of output |",
+             "|---|---|---|---|---|---|---|---|"]
     diffusion_rows, spec_rows = [], []
+    lookaheads = {"off": (False,), "on": (True,), "both": (False, True)}[args.lookahead]
     for block in args.blocks:
         for threshold in args.thresholds:
-            r = run(engine, prompts, args.max_tokens, len(prompts), mode="diffusion", block_length=block, threshold=threshold)
-            row = {"block_length": block, "threshold": threshold, "tpf": r["tpf"], "agreement": agreement(r["outputs"], ar["outputs"]),
-                   "ppl": output_ppl(engine, prompts, r["outputs"])}
-            diffusion_rows.append(row)
-            lines.append(f"| diffusion | {block} | {threshold} | {row['tpf']:.2f} | - | {row['agreement']:.3f} | {row['ppl']:.2f} |")
-            print(lines[-1], flush=True)
+            for lookahead in lookaheads:
+                r = run(engine, prompts, args.max_tokens, len(prompts), mode="diffusion", block_length=block,
+                        threshold=threshold, lookahead=lookahead)
+                row = {"block_length": block, "threshold": threshold, "lookahead": lookahead, "tpf": r["tpf"],
+                       "agreement": agreement(r["outputs"], ar["outputs"]), "ppl": output_ppl(engine, prompts, r["outputs"])}
+                diffusion_rows.append(row)
+                lines.append(f"| diffusion | {block} | {threshold} | {'on' if lookahead else 'off'} | {row['tpf']:.2f} | - | "
+                             f"{row['agreement']:.3f} | {row['ppl']:.2f} |")
+                print(lines[-1], flush=True)
     for draft in args.drafts:
         r = run(engine, prompts, args.max_tokens, len(prompts), mode="self_spec", draft_length=draft)
         assert r["outputs"] == ar["outputs"], "self_spec at temperature 0 must equal AR greedy"
         spec_rows.append({"draft_length": draft, "tpf": r["tpf"], "accept_len": r["accept_len"]})
-        lines.append(f"| self_spec | - | {draft} | {r['tpf']:.2f} | {r['accept_len']:.2f} | 1.000 | {ar_ppl:.2f} |")
+        lines.append(f"| self_spec | - | {draft} | - | {r['tpf']:.2f} | {r['accept_len']:.2f} | 1.000 | {ar_ppl:.2f} |")
         print(lines[-1], flush=True)
     chosen = choose(diffusion_rows, spec_rows, ar_ppl)
     lines += ["", f"chosen (`nld_decoding`): `{json.dumps(chosen)}`"]
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--blocks", type=int, nargs="+", default=list(DIFFUSION_BLOCKS), help="diffusion block lengths")
     s.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="diffusion unmasking thresholds")
     s.add_argument("--drafts", type=int, nargs="+", default=list(DRAFT_LENGTHS), help="self_spec draft lengths")
+    s.add_argument("--lookahead", choices=("off", "on", "both"), default="both", help="diffusion lookahead settings to sweep")
     c = sub.add_parser("compare")
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--data", default=None, help="data.npz of training.train (held-out perplexity on real text)")

@@ -45,6 +45,8 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="diffusion: which masked tokens to commit each pass")
     p.add_argument("--draft-length", type=int, default=None, help="self_spec: tokens drafted per cycle")
     p.add_argument("--variant", default=None, choices=SPEC_VARIANTS, help="self_spec: linear or quadratic")
+    p.add_argument("--lookahead", default=None, action=argparse.BooleanOptionalAction,
+                   help="diffusion: each commit pass also proposes the next block")
     return p
 
 

@@ -158,11 +158,14 @@ def generate_trajectories(engine: LLMEngine, prompts: list[tuple[list[int], int,
 
 
 def distill_noise(x0: torch.Tensor, target_start: torch.Tensor, block_size: int, mask_token_id: int,
-                  draft_prob: float, generator: torch.Generator) -> NoisedBatch:
+                  draft_prob: float, generator: torch.Generator, lookahead_prob: float = 0.0) -> NoisedBatch:
     """Inference-like noise on trajectory rows. Only blocks starting at or after
     ``target_start - 1`` are noised (their masked tokens are all greedy tokens); each keeps
     its first token (the seed) and masks either all the others (prob ``draft_prob``) or each
-    with a ratio t ~ U(0, 1), at least one. ``p_mask`` holds the ratio used (1 for drafts)."""
+    with a ratio t ~ U(0, 1), at least one. With ``lookahead_prob`` > 0, that share of the
+    blocks starting at or after ``target_start`` is masked whole, seed included: the canvas a
+    diffusion commit pass proposes with ``lookahead``. ``p_mask`` holds the ratio used (1 for
+    drafts and whole blocks)."""
     rows, seq_len = x0.shape
     nb = seq_len // block_size
     assert nb * block_size == seq_len, "block size must divide the row length"
@@ -178,6 +181,11 @@ def distill_noise(x0: torch.Tensor, target_start: torch.Tensor, block_size: int,
     pick = torch.randint(1, block_size, (rows, nb), generator=generator)
     r_idx, b_idx = empty.nonzero(as_tuple=True)
     masked[r_idx, b_idx * block_size + pick[r_idx, b_idx]] = True
+    if lookahead_prob > 0:  # drawn last, so runs without it keep their noise
+        whole = torch.rand(rows, nb, generator=generator) < lookahead_prob
+        whole &= block_start[None, :] >= target_start[:, None]
+        masked |= whole.repeat_interleave(block_size, dim=1)
+        ratio = torch.where(whole, torch.ones(rows, nb), ratio)
     noisy = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
     return NoisedBatch(noisy, masked, ratio.repeat_interleave(block_size, dim=1))
 
@@ -298,12 +306,13 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def engine_eval(model: DecoderModel, model_dir: str, prompts: list[list[int]], max_tokens: int,
-                block: int, threshold: float) -> dict[str, float]:
+                block: int, threshold: float, lookahead: bool = False) -> dict[str, float]:
     """The engine's own figures for the current weights: diffusion TPF and agreement with AR
-    greedy at (block, threshold), self_spec acceptance and TPF with draft block-1."""
+    greedy at (block, threshold, lookahead), self_spec acceptance and TPF with draft block-1."""
     engine = teacher_engine(model, model_dir, 256, max_num_seqs=len(prompts), cpu_threads=torch.get_num_threads())
     ar = mode_stats(engine, prompts, max_tokens, mode="ar")
-    diff = mode_stats(engine, prompts, max_tokens, mode="diffusion", block_length=block, threshold=threshold)
+    diff = mode_stats(engine, prompts, max_tokens, mode="diffusion", block_length=block, threshold=threshold,
+                      lookahead=lookahead)
     spec = mode_stats(engine, prompts, max_tokens, mode="self_spec", draft_length=block - 1)
     return {"diffusion_tpf": diff["tpf"], "diffusion_agreement": agreement(diff["outputs"], ar["outputs"]),
             "self_spec_tpf": spec["tpf"], "self_spec_accept_len": spec["accept_len"],
@@ -467,7 +476,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         row = {"kind": "eval", "step": step, "train_seconds": round(train_seconds, 1)}
         row.update(heldout_ar(model, heldout_x))
         row.update(draft_eval(model, held, args.eval_block, mask_id))
-        row.update(engine_eval(model, args.model, eval_prompts, args.eval_new_tokens, args.eval_block, args.eval_threshold))
+        row.update(engine_eval(model, args.model, eval_prompts, args.eval_new_tokens, args.eval_block, args.eval_threshold,
+                                 args.eval_lookahead))
         row["eval_seconds"] = round(time.perf_counter() - t1, 1)
         log(row)
         return row
@@ -507,7 +517,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         block = block_rng.choice(args.block_sizes)
         idx = rng.integers(len(traj), size=args.traj_rows)
         x0 = torch.from_numpy(traj.tokens[idx])
-        noised = distill_noise(x0, torch.from_numpy(traj.target_start[idx]), block, mask_id, args.draft_prob, noise_gen)
+        noised = distill_noise(x0, torch.from_numpy(traj.target_start[idx]), block, mask_id, args.draft_prob, noise_gen,
+                                args.lookahead_prob)
         d_loss, d_stats = distill_loss(model, x0.to(device), noised.to(device), masks[block])
         if args.real_rows:
             a_loss, ar_ce = ar_anchor_loss(model, teacher, sampler.sample(args.real_rows).to(device), causal)
@@ -586,6 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 8, 16, 16, 32],
                     help="training block sizes, drawn uniformly per step (repeat one to weight it)")
     ap.add_argument("--draft-prob", type=float, default=0.5, help="share of blocks in the [seed, MASK...] layout")
+    ap.add_argument("--lookahead-prob", type=float, default=0.0,
+                    help="share of blocks masked whole (the canvas a diffusion commit pass proposes with lookahead)")
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--ar-weight", type=float, default=1.0)
     ap.add_argument("--ar-target", choices=("teacher", "data"), default="teacher",
@@ -606,6 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-new-tokens", type=int, default=48)
     ap.add_argument("--eval-block", type=int, default=8)
     ap.add_argument("--eval-threshold", type=float, default=0.9)
+    ap.add_argument("--eval-lookahead", action="store_true", help="evaluate diffusion with lookahead")
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--keep-best", action="store_true", help="also export the best evaluated weights to DIR/best")
     ap.add_argument("--best-ar-tolerance", type=float, default=0.02,

@@ -136,6 +136,7 @@ class _GenerationRequest(_RequestModel):
     policy: Optional[PolicyName] = Field(None, description="diffusion: unmasking policy")
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
     variant: Optional[str] = Field(None, description="self_spec: linear (draft + verify) or quadratic (one pass per cycle)")
+    lookahead: Optional[bool] = Field(None, description="diffusion: each commit pass also proposes the next block")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")
     ignore_eos: Optional[bool] = None
     # --- logit controls (OpenAI's, and vLLM's repetition_penalty / min_tokens / stop_token_ids)

@@ -2,8 +2,11 @@
 
 The batch is flat: the works' tokens are concatenated; per sequence we pass its cached
 prefix length, query start offset, page table and attention kind (causal, bidirectional, or
-the quadratic mask with its sub-block width). Rows carry explicit positions; K/V of the rows
-a work writes go to the slots of their positions; every other row gets slot -1.
+the quadratic mask with its sub-block width). A work is one sequence, except a
+"causal_then_block" work, which is two of the same request: its causal rows, then its block,
+whose cached prefix includes the slots the causal rows write in the same pass (every
+attention path stores a layer's K/V before it attends). Rows carry explicit positions; K/V
+of the rows a work writes go to the slots of their positions; every other row gets slot -1.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class HostBatch:
     tables: list[list[int]] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)  # flat row indices whose logits are needed
     query_lens: list[int] = field(default_factory=list)
+    work_starts: list[int] = field(default_factory=list)  # per work: its first flat row
 
     @property
     def num_tokens(self) -> int:
@@ -53,13 +57,15 @@ class HostBatch:
                 p = positions[r]
                 slots[r] = pages[p // page_size] * page_size + p % page_size
             hb.slots.extend(slots)
-            hb.context_lens.append(start)
-            hb.query_start_loc.append(hb.query_start_loc[-1] + n)
-            hb.causal.append(work.causal)
-            hb.mask_block.append(work.mask_block)
-            hb.tables.append(list(req.table.pages))
+            hb.work_starts.append(offset)
+            for first, end, causal, mask_block in work.segments():
+                hb.context_lens.append(start + first)
+                hb.query_start_loc.append(offset + end)
+                hb.causal.append(causal)
+                hb.mask_block.append(mask_block)
+                hb.tables.append(list(req.table.pages))
+                hb.query_lens.append(end - first)
             hb.logit_rows.extend(offset + r for r in work.logit_rows)
-            hb.query_lens.append(n)
         return hb
 
 
@@ -80,9 +86,8 @@ class PagedAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        out = paged_attention(q, k, v, kc, vc, self.meta.attention, self.scale)
-        store_kv(k, v, kc, vc, self.meta.slot_mapping)
-        return out
+        store_kv(k, v, kc, vc, self.meta.slot_mapping)  # first: a later segment may read these slots
+        return paged_attention(q, k, v, kc, vc, self.meta.attention, self.scale)
 
 
 @dataclass

@@ -160,6 +160,7 @@ KNOB_RULES: dict[str, Callable[[str, Any], None]] = {
     "threshold": _unit_interval,
     "policy": _policy,
     "seed_first_position": _boolean,
+    "lookahead": _boolean,
     "variant": _variant,
 }
 
@@ -186,6 +187,7 @@ class DecodeParams:
     policy: UnmaskPolicy | None = None
     draft_length: int | None = None
     seed_first_position: bool | None = None  # diffusion: canvas[0] = causal prediction (HF behaviour)
+    lookahead: bool | None = None  # diffusion: the commit pass also proposes the next block
     variant: str | None = None  # self_spec: "linear" (draft + verify) or "quadratic" (one pass)
 
     def __post_init__(self) -> None:
@@ -194,7 +196,7 @@ class DecodeParams:
 
     # the knobs a caller may set (seed_first_position is internal: the reference tests' switch)
     CALLER_KNOBS: ClassVar[tuple[str, ...]] = (
-        "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant",
+        "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant", "lookahead",
     )
 
     @classmethod

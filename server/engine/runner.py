@@ -145,7 +145,7 @@ class ModelRunner:
                 continue
             extra = work.followup(out[i])
             if extra:
-                offset = hb.query_start_loc[i]
+                offset = hb.work_starts[i]
                 rows = self._to_device([offset + r for r in extra], torch.int64)
                 out[i] = torch.cat([out[i], self.model.compute_logits(hidden[rows])])
                 work.logit_rows = work.logit_rows + extra

@@ -21,6 +21,7 @@ SALT_DENOISE = 2  # diffusion reveal candidates (plus the step number)
 SALT_DRAFT = 3  # self-spec draft tokens
 SALT_ACCEPT = 4  # self-spec acceptance test
 SALT_RESIDUAL = 5  # self-spec resample from the residual distribution
+SALT_LOOKAHEAD = 6  # diffusion: a block's candidates proposed by the commit pass before it
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

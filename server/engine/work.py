@@ -16,8 +16,11 @@ import torch
 # "causal": row i sees rows <= i; "bidirectional": every row sees every row of the segment;
 # "quadratic": the segment is sub-blocks of ``Work.sub_block`` rows, row 0 of each a head;
 # heads see the heads up to their own, other rows those heads and their whole sub-block
-# (the attention kernels compute it from indices: ``mask_block`` in the attention contract).
-AttentionKind = Literal["causal", "bidirectional", "quadratic"]
+# (the attention kernels compute it from indices: ``mask_block`` in the attention contract);
+# "causal_then_block": rows before ``Work.block_start`` are causal, the rows from it on see the
+# whole segment (a block denoised over the rows committed in the same pass). The batch gives
+# such a work two segments, the second reading the first's K/V from the cache (stored first).
+AttentionKind = Literal["causal", "bidirectional", "quadratic", "causal_then_block"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Work:
     (same pass) and returns further rows whose logits are then computed and appended (so a
     mode can pick rows by what the first ones say). ``lora`` selects the draft-only adapter,
     for the rows in ``lora_rows`` when given. ``sub_block``: the sub-block width of a
-    "quadratic" kind."""
+    "quadratic" kind; ``block_start``: the first block row of a "causal_then_block" kind."""
 
     kind: WorkKind
     token_ids: list[int]
@@ -61,6 +64,7 @@ class Work:
     kv_rows: list[int] | None = None
     lora_rows: list[int] | None = None
     sub_block: int = 0
+    block_start: int = 0
     followup: Callable[[torch.Tensor], list[int]] | None = None
 
     @property
@@ -85,6 +89,14 @@ class Work:
             return [self.lora] * len(self.token_ids)
         on = set(self.lora_rows) if self.lora else set()
         return [i in on for i in range(len(self.token_ids))]
+
+    def segments(self) -> list[tuple[int, int, bool, int]]:
+        """The attention segments of this work: (first row, end row, causal, mask_block).
+        Rows keep their positions; a segment's cached prefix ends where its first row sits."""
+        if self.kind.attention == "causal_then_block":
+            assert 0 < self.block_start < len(self.token_ids) and self.position_offsets is None
+            return [(0, self.block_start, True, 0), (self.block_start, len(self.token_ids), False, 0)]
+        return [(0, len(self.token_ids), self.causal, self.mask_block)]
 
     @property
     def mask_block(self) -> int:

@@ -34,12 +34,12 @@ def make_engine(model: DecoderModel, **overrides: Any) -> LLMEngine:
 
 
 # A request spec is a plain dict: mode, max_tokens, stop_token_ids, ignore_eos and the mode's knobs
-# (block_length, refine_steps, policy, threshold, seed_first_position / draft_length).
+# (block_length, refine_steps, policy, threshold, seed_first_position, lookahead / draft_length).
 def to_params(spec: dict, temperature: float = 0.0, seed: int | None = None, **sampling: Any) -> RequestParams:
     mode = spec["mode"]
     decode: dict[str, Any] = {"mode": mode}
     if mode == "diffusion":
-        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position"):
+        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position", "lookahead"):
             if k in spec:
                 decode[k] = spec[k]
     elif mode == "self_spec":
@@ -76,6 +76,7 @@ def reference_for(model: DecoderModel, prompt: list[int], spec: dict, max_model_
             policy=spec.get("policy", "threshold"),
             threshold=spec.get("threshold", 0.9),
             seed_first_position=spec.get("seed_first_position", True),
+            lookahead=spec.get("lookahead", False),
         )
     elif spec["mode"] == "self_spec":
         b = spec.get("block_length", model.config.block_size)

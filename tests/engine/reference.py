@@ -190,11 +190,17 @@ def diffusion_greedy(
     policy: str,
     threshold: float = 0.9,
     seed_first_position: bool = True,
+    lookahead: bool = False,
     max_tokens: int,
     max_model_len: int,
     stop_ids=(),
     mask_id: int,
 ) -> Result:
+    """Block diffusion. ``lookahead``: the pass that commits the previous block (or ends the
+    prompt) also runs the next block as an all-mask canvas under the denoise mask; the block
+    then starts with the seed from that pass's last committed row and with every candidate
+    whose proposal there has confidence >= threshold revealed (any policy); that pass is not
+    a denoise step."""
     stops = frozenset(stop_ids)
     out = Output(len(prompt), max_tokens, max_model_len, stops)
     trace = Trace()
@@ -204,6 +210,7 @@ def diffusion_greedy(
         n = min(block_length, max_model_len - len(seq))
         canvas = [mask_id] * n
         revealed = [False] * n
+        ahead = block_logits(model, seq, canvas) if lookahead else None
         if seed_first_position:
             canvas[0] = pick(causal_logits(model, seq)[-1], mask_id, trace)[0]
             revealed[0] = True
@@ -219,6 +226,13 @@ def diffusion_greedy(
             end = budget if s is None else min(budget, s)
             return [i for i in range(end) if not revealed[i]]
 
+        if ahead is not None:
+            for i in candidates():
+                tok, conf, margin = pick(ahead[i], mask_id, None)
+                trace.note(abs(conf - threshold))
+                if conf >= threshold:
+                    trace.note(margin)
+                    canvas[i], revealed[i] = tok, True
         passes = 0
         while candidates():
             passes += 1

@@ -27,6 +27,8 @@ SPECS = [
     dict(mode="diffusion", block_length=8, refine_steps=3, policy="low_confidence", max_tokens=40),
     dict(mode="diffusion", block_length=8, refine_steps=8, policy="leftmost", max_tokens=24, seed_first_position=False),
     dict(mode="diffusion", block_length=1, refine_steps=1, max_tokens=5),  # seeded 1-blocks need no denoise
+    # lookahead: commits (and the prompt's last pass) also propose the next block
+    dict(mode="diffusion", block_length=3, refine_steps=3, threshold=0.2, lookahead=True, max_tokens=22),
     dict(mode="self_spec", block_length=4, max_tokens=23),
     dict(mode="self_spec", block_length=8, max_tokens=40, ignore_eos=True),
     dict(mode="self_spec", draft_length=1, max_tokens=9),
@@ -44,22 +46,28 @@ def check_accounting(
     assert math.isclose(stats.tokens_per_forward, n / stats.total_forward_passes)
     chunks = math.ceil((prompt_len - stats.cached_prompt_tokens) / budget)
     # alone, a prompt takes ceil(uncached / budget) chunks; sharing the budget can only add some
-    assert fp["prefill"] == chunks if alone else fp["prefill"] >= chunks
     mode = spec["mode"]
-    other = {k for k in work_kind_names() if fp[k]} - {"prefill"}
+    ahead = spec.get("lookahead", False)
+    if ahead:  # the prompt's last pass carries the first block; the chunks before it leave it a token
+        assert fp["prefill_lookahead"] == 1 and fp["prefill"] + 1 >= chunks
+    else:
+        assert fp["prefill"] == chunks if alone else fp["prefill"] >= chunks
+    other = {k for k in work_kind_names() if fp[k]} - {"prefill", "prefill_lookahead"}
     stopped = reason == "stop"
     if mode == "ar":
         assert other <= {"decode"}
         assert 1 + fp["decode"] == n + stopped  # every pass after prefill samples one token
     elif mode == "diffusion":
-        assert other <= {"denoise", "commit"}
+        commit = "commit_lookahead" if ahead else "commit"
+        assert other <= {"denoise", commit}
         steps = stats.denoise_steps_per_block
         blocks = len(steps)
         assert sum(steps) == fp["denoise"]
-        assert fp["commit"] == blocks - 1  # no commit after the block that ends the request
+        assert fp[commit] == blocks - 1  # no commit after the block that ends the request
         b = spec["block_length"]
         assert all(s <= spec["refine_steps"] for s in steps)
-        assert all(s >= 1 for s in steps) or b == 1 or stopped
+        # a block may be wholly revealed by the seed, a stop, or the pass that proposed it
+        assert all(s >= 1 for s in steps) or b == 1 or stopped or ahead
         assert blocks == (math.ceil(n / b) if not stopped else n // b + 1)
     else:
         assert other <= {"draft", "verify"}
@@ -102,7 +110,11 @@ def test_accounting_alone_with_chunked_prefill(spec: dict) -> None:
     budget = 8
     out = make_engine(model, max_num_batched_tokens=budget).generate([prompt], to_params(spec))[0]
     check_accounting(out["stats"], spec, out["token_ids"], out["finish_reason"], len(prompt), budget, alone=True)
-    assert out["stats"].forward_passes["prefill"] == math.ceil(len(prompt) / budget) > 1
+    fp, chunks = out["stats"].forward_passes, math.ceil(len(prompt) / budget)
+    if spec.get("lookahead"):  # the last pass also holds the first canvas: at most one pass more
+        assert chunks <= fp["prefill"] + fp["prefill_lookahead"] <= chunks + 1 and fp["prefill"] > 1
+    else:
+        assert fp["prefill"] == chunks > 1
 
 
 def test_cached_prompt_tokens_are_not_recomputed() -> None:

@@ -6,7 +6,7 @@
   through both in one batch;
 * the engine's logits through the fast path (fused projections, the per-step attention
   plan) against the unfused model on the reference attention, over prefill, decode,
-  denoise, draft and verify passes, fp32 within 1e-5 of the logits' scale.
+  denoise, draft, verify and lookahead-commit passes, fp32 within 1e-5 of the logits' scale.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kernels.reference import paged_attention_reference, store_kv_reference
 from server.engine import cpu_attention
 from server.engine.cpu_attention import CpuPagedAttention, _prefix_rows
 from server.engine.cpu_threads import configure_cpu_threads, default_cpu_threads
-from server.engine.modes.diffusion import DENOISE
+from server.engine.modes.diffusion import COMMIT_LOOKAHEAD, DENOISE
 from server.engine.modes.self_spec import DRAFT, VERIFY
 from server.engine.work import DECODE, PREFILL, Work
 from server.engine.batch import HostBatch
@@ -143,8 +143,7 @@ def _drive(engine, reference: bool, seed: int) -> list[torch.Tensor]:
         out = runner.run(batch)
         logits.extend(out)
         for r, w in batch:
-            if w.writes_kv:
-                r.num_computed += len(w)
+            r.num_computed += len(w.written_rows())
 
     run([Work(PREFILL, r.prompt_ids, [len(r.prompt_ids) - 1]) for r in reqs])
     for _ in range(3):
@@ -155,6 +154,10 @@ def _drive(engine, reference: bool, seed: int) -> list[torch.Tensor]:
     run([Work(VERIFY, [rnd.randrange(4, vocab) for _ in range(4)], [0, 1, 2, 3]) for _ in reqs])
     # a ragged batch: one decode row next to a denoise block
     run([Work(DECODE, [7], [0]), Work(DENOISE, [mask] * 8, list(range(8)))])
+    # a diffusion commit with lookahead (two segments: committed rows, then the next canvas)
+    # next to a decode row
+    run([Work(COMMIT_LOOKAHEAD, [9, 10, 11] + [mask] * 4, [2, 3, 4, 5, 6], kv_rows=[0, 1, 2], block_start=3),
+         Work(DECODE, [8], [0])])
     return logits
 
 

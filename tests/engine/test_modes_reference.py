@@ -33,7 +33,7 @@ def prompts_for(seed: int) -> list[list[int]]:
 
 def specs_for(seed: int) -> list[dict]:
     """Every diffusion knob combination (block 4/8/32, refine 1/4/B, three policies, seeded and
-    unseeded canvas), plus AR and self_spec with several draft lengths. max_tokens is rarely a
+    unseeded canvas; lookahead at blocks 4/8), plus AR and self_spec with several draft lengths. max_tokens is rarely a
     multiple of the block; with MAX_MODEL_LEN = 64 some blocks are cut by the context limit."""
     rng = random.Random(1000 + seed)
     specs: list[dict] = []
@@ -51,6 +51,16 @@ def specs_for(seed: int) -> list[dict]:
                         max_tokens=rng.choice([5, 13, 27, 40, 60]),
                     )
                     specs.append(spec)
+    # lookahead: the commit pass proposes the next block; thresholds around these random
+    # models' typical confidence (0.1-0.3) reveal some proposals and not others
+    for block in (4, 8):
+        for policy in ("threshold", "low_confidence"):
+            for seeded in (True, False):
+                specs.append(dict(
+                    mode="diffusion", block_length=block, refine_steps=rng.choice([2, block]), policy=policy,
+                    seed_first_position=seeded, lookahead=True, threshold=rng.choice([0.15, 0.2, 0.25]),
+                    max_tokens=rng.choice([5, 13, 27, 40, 60]),
+                ))
     specs += [
         dict(mode="ar", max_tokens=30),
         dict(mode="ar", max_tokens=60),
@@ -159,6 +169,11 @@ def test_engine_matches_reference(seed: int, prefix_caching: bool, budget: int) 
         )
     if budget < 64:
         assert any(s.forward_passes["prefill"] > 1 for s in stats.values()), "no prefill was chunked"
+    ahead = [stats[rid] for rid, _, spec, _ in reqs if spec.get("lookahead")]
+    assert all(s.forward_passes["prefill_lookahead"] == 1 for s in ahead)
+    assert all(s.forward_passes["commit"] == 0 for s in ahead)
+    # some block was wholly revealed by the pass that committed the one before it
+    assert any(0 in s.denoise_steps_per_block[1:] for s in ahead)
 
 
 def test_scenarios_exercise_the_edge_cases() -> None:

@@ -31,6 +31,7 @@ SPECS = [
     dict(mode="diffusion", block_length=8, refine_steps=8, policy="low_confidence", max_tokens=30),
     dict(mode="diffusion", block_length=8, refine_steps=3, policy="leftmost", max_tokens=21, seed_first_position=False),
     dict(mode="diffusion", block_length=4, refine_steps=4, policy="low_confidence", max_tokens=1),
+    dict(mode="diffusion", block_length=4, refine_steps=2, threshold=0.2, lookahead=True, max_tokens=17),
     dict(mode="self_spec", block_length=4, max_tokens=20),
     dict(mode="self_spec", block_length=8, max_tokens=33),
     dict(mode="self_spec", block_length=2, max_tokens=5),

@@ -80,6 +80,23 @@ def test_distill_noise_is_inference_like() -> None:
             assert full.any() and partial.any()
 
 
+def test_distill_noise_lookahead_masks_whole_blocks_of_greedy_tokens() -> None:
+    """With lookahead_prob, some blocks are masked seed included (the all-mask canvas a
+    lookahead commit proposes), only where every token of the block is a greedy target; the
+    other blocks keep the plain layouts, drawn exactly as without lookahead."""
+    x0 = torch.randint(4, 200, (64, 32))
+    target_start = torch.randint(1, 30, (64,))
+    plain = distill_noise(x0, target_start, 4, MASK, 0.5, torch.Generator().manual_seed(3))
+    ahead = distill_noise(x0, target_start, 4, MASK, 0.5, torch.Generator().manual_seed(3), lookahead_prob=0.4)
+    whole = ahead.masked.view(64, 8, 4).all(-1)
+    starts = torch.arange(8) * 4
+    assert whole.any()
+    assert not (whole & (starts[None, :] < target_start[:, None])).any()  # never over a prompt token
+    assert torch.equal(ahead.masked.view(64, 8, 4)[~whole], plain.masked.view(64, 8, 4)[~whole])
+    assert (ahead.p_mask.view(64, 8, 4)[whole] == 1).all()
+    assert torch.equal(ahead.noisy, torch.where(ahead.masked, torch.full_like(x0, MASK), x0))
+
+
 def test_trajectories_are_the_teachers_greedy_continuations(tiny_run: tuple[Path, Path]) -> None:
     model_dir, data_path = tiny_run
     data = TokenData.load(data_path)
@@ -168,3 +185,5 @@ def test_decoding_defaults_selection_rule() -> None:
     assert chosen["self_spec"] == {"draft_length": 7, "block_length": 8}  # ties go to the shorter draft
     assert choose(rows[2:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 8, "threshold": 0.5}
     assert choose(rows[3:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 16, "threshold": 0.5}
+    ahead = dict(row(4, 0.7, 2.6, 0.93, 4.2), lookahead=True)  # the lookahead setting is written with the rest
+    assert choose(rows + [ahead], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 4, "threshold": 0.7, "lookahead": True}

@@ -12,6 +12,17 @@ Per block of ``B`` positions starting at ``L = num_computed``:
 - the finished block is emitted (cut at the first stop token and at max_tokens); if the
   request goes on, a causal commit pass writes the block's K/V, and its last logits give
   the next seed. Denoise passes never write the cache.
+
+``lookahead``: the commit pass, and the prefill pass that ends the prompt, also carries the
+next block as a canvas of masks after the committed rows (attention "causal_then_block": the committed rows causal, the canvas
+bidirectional over itself, the prefix and the committed rows, as in a denoise pass). The
+next block then starts with the seed in place and every other position whose proposal from
+that canvas reaches ``threshold`` (whatever the policy) already revealed; the rest is
+denoised as usual (the commit pass is not counted in ``refine_steps``). The proposals are
+made without the seed (an all-mask canvas), so the threshold is what keeps them safe. Used
+only where the pass fits the step's token budget and the context, and never for requests
+with a grammar or logit controls (their rows need the committed text before every position)
+or, in the prefill, with images.
 """
 
 from __future__ import annotations
@@ -26,13 +37,20 @@ from server.engine.grammar import GrammarMatcher
 from server.engine.modes.base import DecodeMode, check_fits, mode_state, prefill_work, sample_spec
 from server.engine.params import ModeParams, ResolveContext, UnmaskPolicy
 from server.engine.request import ModeState, Request
-from server.engine.sampler import SALT_DENOISE, RowResult, RowSpec
+from server.engine.sampler import SALT_DENOISE, SALT_LOOKAHEAD, RowResult, RowSpec
 from server.engine.work import PREFILL, Work, WorkKind
 
 DENOISE = WorkKind("denoise", writes_kv=False, attention="bidirectional")
 COMMIT = WorkKind("commit", writes_kv=True, attention="causal")  # a prefill of the emitted block
+# a commit / the prompt's last prefill chunk whose pass also proposes the next block
+# (``lookahead``); only the committed rows write
+COMMIT_LOOKAHEAD = WorkKind("commit_lookahead", writes_kv=True, attention="causal_then_block")
+PREFILL_LOOKAHEAD = WorkKind("prefill_lookahead", writes_kv=True, attention="causal_then_block")
+LOOKAHEAD_KINDS = (PREFILL_LOOKAHEAD, COMMIT_LOOKAHEAD)
 
-BUILTIN_DEFAULTS: dict[str, Any] = {"threshold": 0.9, "policy": "threshold", "seed_first_position": True}
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "threshold": 0.9, "policy": "threshold", "seed_first_position": True, "lookahead": False,
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,7 @@ class DiffusionParams(ModeParams):
     threshold: float
     policy: UnmaskPolicy
     seed_first_position: bool
+    lookahead: bool
 
 
 GRAMMAR_OPEN = 2**31
@@ -125,9 +144,9 @@ class BlockDiffusionMode(DecodeMode):
     open block has at least one position left to reveal; denoise passes write no K/V."""
 
     name = "diffusion"
-    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position")
+    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position", "lookahead")
     needs_mask_token = True
-    work_kinds = (PREFILL, DENOISE, COMMIT)
+    work_kinds = (PREFILL, DENOISE, COMMIT) + LOOKAHEAD_KINDS
     metric_histograms = ("diffusion_denoising_steps_per_block",)
 
     def default(self, knob: str, values: dict[str, Any], ctx: ResolveContext) -> Any:
@@ -141,7 +160,9 @@ class BlockDiffusionMode(DecodeMode):
         return DiffusionParams(mode=self.name, mask_token_id=ctx.mask_token_id, **values)
 
     def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
-        return _params(params).block_length, "block_length"
+        dp = _params(params)
+        # with lookahead a commit (at most a block) carries the next block's canvas
+        return dp.block_length * (2 if dp.lookahead else 1), "block_length"
 
     @staticmethod
     def _state(req: Request) -> DiffusionState:
@@ -168,9 +189,13 @@ class BlockDiffusionMode(DecodeMode):
             end = min(end, stop)
         return [i for i in range(end) if not st.revealed[i]]
 
+    def _block_length(self, req: Request, start: int) -> int:
+        """Positions of a block starting at ``start`` (shorter only at the context limit)."""
+        return min(_params(req.params.decode).block_length, req.max_model_len - start)
+
     def _start_block(self, req: Request, st: DiffusionState) -> None:
         dp = _params(req.params.decode)
-        length = min(dp.block_length, req.max_model_len - req.num_computed)
+        length = self._block_length(req, req.num_computed)
         assert length >= 1, "a block is started only when the context has room"
         st.canvas = [dp.mask_token_id] * length
         st.revealed = [False] * length
@@ -198,6 +223,15 @@ class BlockDiffusionMode(DecodeMode):
     def next_work(self, req: Request, budget: int) -> Work | None:
         st = self._state(req)
         if req.num_computed < len(req.token_ids):
+            ahead = self._lookahead_length(req, st)
+            if ahead:
+                rest = len(req.token_ids) - req.num_computed
+                if rest + ahead <= budget:
+                    return self._lookahead_work(req, st, ahead)
+                if st.has_blocks or rest == 1:
+                    return None  # the fused pass is atomic: it waits for a step with room
+                # a chunk of the prompt that leaves its last token to the fused pass
+                return prefill_work(req, budget, len(req.token_ids) - 1, want_logits=False, kind=PREFILL)
             kind = COMMIT if st.has_blocks else PREFILL
             return prefill_work(req, budget, len(req.token_ids), want_logits=self._seeding(req), kind=kind)
         if st.canvas is None:
@@ -210,7 +244,51 @@ class BlockDiffusionMode(DecodeMode):
         rows = [i for i in range(len(st.canvas)) if not st.revealed[i]]
         return Work(kind=DENOISE, token_ids=list(st.canvas), logit_rows=rows)
 
+    def _lookahead_length(self, req: Request, st: DiffusionState) -> int:
+        """The canvas length of the next block if the pending commit (or the prompt's last
+        prefill pass) proposes it, else 0: ``lookahead`` off, a grammar, logit controls, an
+        image prompt, or nothing more to emit (see the module docstring)."""
+        dp = _params(req.params.decode)
+        controlled = req.grammar is not None or req.params.sampling.controls.active
+        if not dp.lookahead or controlled or req.remaining_tokens <= 0 or (req.images and not st.has_blocks):
+            return 0
+        return self._block_length(req, len(req.token_ids))
+
+    def _lookahead_work(self, req: Request, st: DiffusionState, length: int) -> Work:
+        """The rest of the commit (or prompt) with the next block's canvas of ``length`` masks.
+        Logit rows: the seed's (the last committed row, when seeding), then the canvas rows
+        that may be revealed (none at or past what the request may still emit)."""
+        dp = _params(req.params.decode)
+        committed = req.token_ids[req.num_computed :]
+        first = 1 if dp.seed_first_position else 0
+        rows = [len(committed) - 1] if dp.seed_first_position else []
+        rows += [len(committed) + i for i in range(first, min(length, req.remaining_tokens))]
+        return Work(kind=COMMIT_LOOKAHEAD if st.has_blocks else PREFILL_LOOKAHEAD,
+                    token_ids=committed + [dp.mask_token_id] * length, logit_rows=rows,
+                    kv_rows=list(range(len(committed))), block_start=len(committed))
+
+    def _apply_lookahead(self, req: Request, st: DiffusionState, work: Work, results: list[RowResult]) -> None:
+        """Commit, start the next block and reveal its confident proposals."""
+        req.num_computed += work.block_start
+        seeded = int(self._seeding(req))
+        if seeded:
+            st.seed = results[0].token
+        proposals = {row - work.block_start: r for row, r in zip(work.logit_rows[seeded:], results[seeded:])}
+        self._start_block(req, st)
+        if st.canvas is None:  # the seed alone finished the block
+            return
+        threshold = _params(req.params.decode).threshold
+        for i in self._candidates(req, st):
+            if i in proposals and proposals[i].confidence >= threshold:
+                st.canvas[i], st.revealed[i] = proposals[i].token, True
+        self._finish_block_if_done(req, st)
+
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
+        if work.kind in LOOKAHEAD_KINDS:
+            base = req.num_computed
+            seed = [sample_spec(req, base + work.block_start)] if self._seeding(req) else []
+            canvas_rows = work.logit_rows[len(seed) :]
+            return seed + [sample_spec(req, base + r, SALT_LOOKAHEAD) for r in canvas_rows]
         if work.kind is not DENOISE:
             return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
         st = self._state(req)
@@ -219,6 +297,9 @@ class BlockDiffusionMode(DecodeMode):
 
     def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
         st = self._state(req)
+        if work.kind in LOOKAHEAD_KINDS:
+            self._apply_lookahead(req, st, work, results)
+            return
         if work.kind is not DENOISE:
             req.num_computed += len(work)
             if results:

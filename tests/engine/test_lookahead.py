@@ -1,0 +1,122 @@
+"""Diffusion ``lookahead``: the pass that commits a block (or ends the prompt) also proposes
+the next block from an all-mask canvas.
+
+* the batch gives such a pass two attention segments of one request: the committed rows
+  (causal, written) and the canvas (bidirectional, reading the committed rows' fresh K/V);
+* on the embedded model, whose proposals are often confident, the engine emits exactly the
+  dense reference's tokens (tests/engine/reference.py) and takes fewer passes than without
+  lookahead (the random tiny models of test_modes_reference cover the knob combinations);
+* requests it cannot serve (a grammar, logit controls) fall back to the plain commit;
+* the knob is validated, and a pass that would exceed the step budget is refused up front.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from server.config import DEFAULT_MODEL_DIR, EngineConfig
+from server.engine.batch import HostBatch
+from server.engine.engine import LLMEngine
+from server.engine.modes.diffusion import COMMIT_LOOKAHEAD
+from server.engine.params import DecodeParams, LogitControls, ParamError, RequestParams, SamplingParams
+from server.engine.work import DECODE, Work
+from server.model.loader import load_model
+from tests.engine.helpers import make_engine, model_for, to_params
+from tests.engine.reference import diffusion_greedy
+from tests.engine.test_default_model_modes import REPO
+
+NEAR_TIE = 1e-5
+
+
+def test_host_batch_gives_a_lookahead_work_two_segments() -> None:
+    eng = make_engine(model_for(0), page_size=4)
+    params = to_params(dict(mode="diffusion", max_tokens=8))
+    a, b = eng.add_request("a", [5, 6, 7, 8, 9], params), eng.add_request("b", [5, 6, 7], params)
+    for r in (a, b):
+        eng.kv.allocate(r.table, 32)
+    a.num_computed, b.num_computed = 5, 2
+    mask = eng.model_config.mask_token_id
+    ahead = Work(COMMIT_LOOKAHEAD, [7, 21, 22] + [mask] * 4, logit_rows=[2, 4, 5, 6], kv_rows=[0, 1, 2], block_start=3)
+    hb = HostBatch.build([(a, Work(DECODE, [11], [0])), (b, ahead)], page_size=4)
+    assert hb.work_starts == [0, 1]
+    assert hb.positions == [5, 2, 3, 4, 5, 6, 7, 8]
+    # segments: a's decode row; b's committed rows (causal) after its 2 cached tokens; b's
+    # canvas (bidirectional) whose cached prefix includes the 3 rows committed in this pass
+    assert hb.context_lens == [5, 2, 5]
+    assert hb.query_start_loc == [0, 1, 4, 8]
+    assert hb.causal == [True, True, False]
+    assert hb.query_lens == [1, 3, 4]
+    assert hb.tables[1] == hb.tables[2] == list(b.table.pages)
+    pages = b.table.pages
+    assert hb.slots[1:4] == [pages[p // 4] * 4 + p % 4 for p in (2, 3, 4)]
+    assert hb.slots[4:] == [-1] * 4  # the canvas writes nothing
+    assert hb.logit_rows == [0, 3, 5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def embedded() -> tuple[LLMEngine, list[list[int]]]:
+    eng = LLMEngine.from_pretrained(EngineConfig(model=str(DEFAULT_MODEL_DIR), max_model_len=512, kv_cache_tokens=8192,
+                                                 dtype="float32"))
+    spec = json.loads((REPO / "benchmarks" / "heldout_prompts.json").read_text())
+    prompts = [eng.tokenizer.encode(t, add_special_tokens=False) for t in spec["plain"][6:9]]
+    return eng, prompts
+
+
+def _diffusion(eng: LLMEngine, prompts: list[list[int]], lookahead: bool, **sampling: object) -> list[dict]:
+    sampling = {"temperature": 0.0, **sampling}
+    params = RequestParams(SamplingParams(max_tokens=32, ignore_eos=True, **sampling),  # type: ignore[arg-type]
+                           DecodeParams(mode="diffusion", block_length=4, refine_steps=4, threshold=0.7, lookahead=lookahead))
+    return eng.generate(prompts, params)
+
+
+def test_embedded_model_lookahead_equals_reference_and_saves_passes(embedded) -> None:  # type: ignore[no-untyped-def]
+    eng, prompts = embedded
+    with_ahead, without = _diffusion(eng, prompts, True), _diffusion(eng, prompts, False)
+    dense = load_model(str(DEFAULT_MODEL_DIR), dtype=torch.float32)
+    mask = eng.model_config.mask_token_id
+    for prompt, got in zip(prompts, with_ahead):
+        ref = diffusion_greedy(dense, prompt, block_length=4, refine_steps=4, policy="threshold", threshold=0.7,
+                               lookahead=True, max_tokens=32, max_model_len=512, mask_id=mask)
+        if ref.min_margin > NEAR_TIE:
+            assert got["token_ids"] == ref.tokens
+            assert got["stats"].denoise_steps_per_block == ref.denoise_steps_per_block
+    stats = [o["stats"] for o in with_ahead]
+    assert all(s.forward_passes["commit"] == 0 and s.forward_passes["commit_lookahead"] > 0 for s in stats)
+    assert any(0 in s.denoise_steps_per_block for s in stats)  # blocks wholly revealed by their proposer
+    passes = sum(s.total_forward_passes for s in stats)
+    assert passes < sum(o["stats"].total_forward_passes for o in without)
+    eng.check_integrity()
+
+
+def test_lookahead_falls_back_to_plain_commits_under_logit_controls(embedded) -> None:  # type: ignore[no-untyped-def]
+    """Logit controls need the committed text before every position, which a proposed canvas
+    does not have: such requests commit plainly (and still produce tokens)."""
+    eng, prompts = embedded
+    out = _diffusion(eng, prompts[:1], True, controls=LogitControls(logit_bias=((7, 0.5),)))[0]
+    assert out["token_ids"] and out["stats"].forward_passes["commit"] > 0
+    assert out["stats"].forward_passes["commit_lookahead"] == out["stats"].forward_passes["prefill_lookahead"] == 0
+
+
+def test_lookahead_sampling_is_reproducible(embedded) -> None:  # type: ignore[no-untyped-def]
+    eng, prompts = embedded
+    first = _diffusion(eng, prompts[:2], True, temperature=0.8, seed=5)
+    again = _diffusion(eng, prompts[:2], True, temperature=0.8, seed=5)
+    assert [o["token_ids"] for o in first] == [o["token_ids"] for o in again]
+    assert all(len(o["token_ids"]) == 32 for o in first)
+
+
+def test_lookahead_knob_is_validated() -> None:
+    with pytest.raises(ParamError) as err:
+        DecodeParams(mode="diffusion", lookahead="yes")  # type: ignore[arg-type]
+    assert err.value.param == "lookahead"
+    eng = make_engine(model_for(0), max_num_batched_tokens=12)
+    eng.resolve_params(to_params(dict(mode="diffusion", block_length=8, max_tokens=4)))  # 8 tokens fit
+    with pytest.raises(ParamError) as err:  # a commit of 8 carrying a canvas of 8 does not
+        eng.resolve_params(to_params(dict(mode="diffusion", block_length=8, lookahead=True, max_tokens=4)))
+    assert err.value.param == "block_length" and "16 tokens" in str(err.value)
+    with pytest.raises(ParamError) as err:  # a diffusion knob
+        eng.resolve_params(RequestParams(SamplingParams(max_tokens=4), DecodeParams(mode="ar", lookahead=True)))
+    assert err.value.param == "lookahead"
