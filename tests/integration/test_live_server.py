@@ -23,6 +23,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.engine.modes import work_kind_names
 from tests.integration.checkpoint import PROMPTS
 from tests.integration.conftest import SERVED_NAME, Stack, model_dir_for, wait_until
 
@@ -32,8 +33,10 @@ MODE_FIELDS: dict[str, dict[str, Any]] = {
     "self_spec": {"mode": "self_spec"},
 }
 MODES = list(MODE_FIELDS)
-# which forward-pass kinds each mode may use (besides the prompt's prefill)
-KINDS_OF_MODE = {"ar": {"decode"}, "diffusion": {"denoise", "commit"}, "self_spec": {"draft", "verify"}}
+# which forward-pass kinds each mode may use besides the prompt's prefill (the embedded
+# model's diffusion defaults to lookahead: its prompt's last pass and commits propose blocks)
+KINDS_OF_MODE = {"ar": {"decode"}, "diffusion": {"denoise", "commit", "prefill_lookahead", "commit_lookahead"},
+                 "self_spec": {"draft", "verify"}}
 LONG = 4000  # max_tokens of a request that is still running when the test disconnects
 
 
@@ -85,7 +88,7 @@ def check_result(stack: Stack, mode: str, text: str, finish: str | None, usage: 
     assert usage["forward_passes"] == sum(by_kind.values()) > 0
     assert usage["tokens_per_forward"] == pytest.approx(n / usage["forward_passes"])
     used = {k for k, v in by_kind.items() if v}
-    assert by_kind.get("prefill", 0) >= 1
+    assert by_kind.get("prefill", 0) + by_kind.get("prefill_lookahead", 0) >= 1
     assert used - {"prefill"} <= KINDS_OF_MODE[mode], (mode, by_kind)
     if n > 1:
         assert used - {"prefill"}, (mode, by_kind)
@@ -373,7 +376,7 @@ def test_metrics_agree_with_usage(stack: Stack) -> None:
         assert d("nld_prompt_tokens_total") == agg["prompt_tokens"], mode
         assert d("nld_request_tokens_per_forward_count") == agg["n"], mode
         assert d("nld_request_tokens_per_forward_sum") == pytest.approx(agg["tpf_sum"]), mode
-        for kind in ("prefill", "decode", "denoise", "commit", "draft", "verify"):
+        for kind in work_kind_names():
             assert d("nld_forward_passes_total", kind=kind) == agg[f"kind_{kind}"], (mode, kind)
         for reason in ("stop", "length"):
             assert d("nld_request_success_total", finished_reason=reason) == agg[f"finish_{reason}"], (mode, reason)
