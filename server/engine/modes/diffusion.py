@@ -13,16 +13,17 @@ Per block of ``B`` positions starting at ``L = num_computed``:
   request goes on, a causal commit pass writes the block's K/V, and its last logits give
   the next seed. Denoise passes never write the cache.
 
-``lookahead``: the commit pass, and the prefill pass that ends the prompt, also carries the
-next block as a canvas of masks after the committed rows (attention "causal_then_block": the committed rows causal, the canvas
-bidirectional over itself, the prefix and the committed rows, as in a denoise pass). The
-next block then starts with the seed in place and every other position whose proposal from
-that canvas reaches ``threshold`` (whatever the policy) already revealed; the rest is
-denoised as usual (the commit pass is not counted in ``refine_steps``). The proposals are
-made without the seed (an all-mask canvas), so the threshold is what keeps them safe. Used
-only where the pass fits the step's token budget and the context, and never for requests
-with a grammar or logit controls (their rows need the committed text before every position)
-or, in the prefill, with images.
+``lookahead``: the commit pass, and the prefill pass that ends the prompt, also carry the
+next block as a canvas of masks after the committed rows (attention "causal_then_block": the
+committed rows causal, the canvas bidirectional over itself, the prefix and the committed
+rows, as in a denoise pass). The next block then starts with the seed in place and every
+other position whose proposal from that canvas reaches ``threshold`` (whatever the policy)
+already revealed; the rest is denoised as usual (the commit pass is not counted in
+``refine_steps``). The proposals are made without the seed (an all-mask canvas), so the
+threshold is what keeps them safe. The fused pass is atomic (it waits for a step with room;
+a prompt chunked under the step budget leaves its last token to it), so ``largest_pass``
+doubles. Requests with a grammar or logit controls (their rows need the committed text
+before every position), and image prompts' prefill, commit plainly.
 """
 
 from __future__ import annotations
