@@ -6,13 +6,15 @@ the next block from an all-mask canvas.
 * on the embedded model, whose proposals are often confident, the engine emits exactly the
   dense reference's tokens (tests/engine/reference.py) and takes fewer passes than without
   lookahead (the random tiny models of test_modes_reference cover the knob combinations);
-* requests it cannot serve (a grammar, logit controls) fall back to the plain commit;
+* requests it cannot serve (a grammar, logit controls) fall back to the plain commit (image
+  prompts' prefill: tests/engine/test_vlm_engine.py);
 * the knob is validated, and a pass that would exceed the step budget is refused up front.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import torch
 from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.batch import HostBatch
 from server.engine.engine import LLMEngine
+from server.engine.grammar import GrammarSpec
 from server.engine.modes.diffusion import COMMIT_LOOKAHEAD
 from server.engine.params import DecodeParams, LogitControls, ParamError, RequestParams, SamplingParams
 from server.engine.work import DECODE, Work
@@ -97,6 +100,16 @@ def test_lookahead_falls_back_to_plain_commits_under_logit_controls(embedded) ->
     eng, prompts = embedded
     out = _diffusion(eng, prompts[:1], True, controls=LogitControls(logit_bias=((7, 0.5),)))[0]
     assert out["token_ids"] and out["stats"].forward_passes["commit"] > 0
+    assert out["stats"].forward_passes["commit_lookahead"] == out["stats"].forward_passes["prefill_lookahead"] == 0
+
+
+def test_lookahead_falls_back_to_plain_commits_under_a_grammar(embedded) -> None:  # type: ignore[no-untyped-def]
+    """A constrained canvas is revealed left to right under the grammar, which a proposed
+    canvas would bypass: such requests commit plainly, and the output still matches."""
+    eng, prompts = embedded
+    out = _diffusion(eng, prompts[:1], True, grammar=GrammarSpec("regex", r"(yes|no), [0-9]{2,4}!"))[0]
+    text = eng.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+    assert re.fullmatch(r"(yes|no), [0-9]{2,4}!", text), text
     assert out["stats"].forward_passes["commit_lookahead"] == out["stats"].forward_passes["prefill_lookahead"] == 0
 
 

@@ -133,6 +133,22 @@ def test_mixed_batches_equal_alone_in_all_modes(vlm):
     assert changed != alone["diffusion-0"]
 
 
+def test_lookahead_diffusion_with_images_prefills_plainly(vlm):
+    """With ``lookahead``, a prompt with images is prefilled without a proposed canvas (its
+    image rows stay in plain prefill chunks); the commits after it still propose the next
+    block, and the output equals the same request's in a batch with an image-free one."""
+    _, _, ours = vlm
+    prepared = _prepared(["small_rgb"])
+    spec = to_params(_spec("diffusion", block_length=4, refine_steps=2, lookahead=True))
+    engine = make_engine(ours)
+    seen = _chunk_spy(engine)
+    alone = _run(engine, [("img", image_prompt(prepared), spec, prepared)])["img"]
+    kinds = {kind.name for _, _, _, kind in seen}
+    assert "prefill" in kinds and "commit_lookahead" in kinds and "prefill_lookahead" not in kinds
+    both = _run(make_engine(ours), [("img", image_prompt(prepared), spec, prepared), ("txt", [1, 7, 8, 9, 40], spec, None)])
+    assert both["img"] == alone and len(alone) == MAX_TOKENS
+
+
 def test_prefix_cache_is_keyed_by_image_content(vlm):
     _, _, ours = vlm
     a, b = _prepared(["small_rgb"]), _prepared(["rgba"])  # same grid, different pixels

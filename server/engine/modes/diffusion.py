@@ -279,8 +279,8 @@ class BlockDiffusionMode(DecodeMode):
         if st.canvas is None:  # the seed alone finished the block
             return
         threshold = _params(req.params.decode).threshold
-        for i in self._candidates(req, st):
-            if i in proposals and proposals[i].confidence >= threshold:
+        for i in self._candidates(req, st):  # every candidate was proposed (same block, same budget)
+            if proposals[i].confidence >= threshold:
                 st.canvas[i], st.revealed[i] = proposals[i].token, True
         self._finish_block_if_done(req, st)
 
