@@ -8,8 +8,10 @@ Prompts: ``benchmarks/heldout_prompts.json``, text cut from the held-out split o
 training corpus (never used for training or distillation): plain passages and chat-wrapped
 openings. All decoding is greedy (temperature 0), ``ignore_eos``, ``--max-tokens`` new tokens.
 
-* ``sweep``: diffusion over block length x threshold x lookahead (the commit pass also
-  proposes the next block; ``--lookahead off|on|both``), self_spec over draft length. TPF and
+* ``sweep``: diffusion over block length x confidence measure x threshold x lookahead (the
+  commit pass also proposes the next block; ``--lookahead off|on|both``); ``--thresholds``
+  apply to the probability measure, ``--margins`` to the margin one (its scale is lower);
+  self_spec over draft length. TPF and
   acceptance are counts (emitted tokens / forward passes the request took part in), so the
   prompts run batched; quality = agreement with AR greedy (share of equal tokens) and the
   model's own AR perplexity of the output against AR output's. ``--write-defaults`` writes
@@ -43,6 +45,7 @@ import torch  # noqa: E402
 PROMPTS_FILE = REPO / "benchmarks" / "heldout_prompts.json"
 DIFFUSION_BLOCKS = (4, 8, 16, 32)
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+MARGINS = (0.4, 0.5, 0.6, 0.7, 0.8)
 DRAFT_LENGTHS = (3, 5, 7, 11, 15)
 
 
@@ -54,6 +57,26 @@ def load_prompts(engine: Any) -> list[list[int]]:
     ids += [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
                                     return_dict=False) for t in spec["chat"]]
     return ids
+
+
+def heldout_windows(data: str, count: int, seed: int = 0) -> list[list[int]]:
+    """``count`` plain prompts of 16-48 tokens from random places of the held-out token
+    stream (special tokens dropped): more held-out text for a sweep whose 24 file prompts
+    are too few to tell settings apart."""
+    import random
+
+    import numpy as np
+
+    stream = np.load(data)["heldout"]
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        n = rng.randint(16, 48)
+        start = rng.randrange(len(stream) - 2 * n)
+        window = [int(t) for t in stream[start : start + 2 * n] if t > 6][:n]
+        if len(window) == n:
+            out.append(window)
+    return out
 
 
 def nld_decoding(model_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -108,7 +131,7 @@ def choose(diffusion_rows: list[dict[str, Any]], spec_rows: list[dict[str, Any]]
     else:
         best = min(diffusion_rows, key=lambda r: (r["ppl"], -r["tpf"]))
     spec = max(spec_rows, key=lambda r: (round(r["tpf"], 3), -r["draft_length"]))
-    settings = {k: best[k] for k in ("block_length", "threshold", "lookahead") if k in best}
+    settings = {k: best[k] for k in ("block_length", "confidence", "threshold", "lookahead") if k in best}
     return {"diffusion": settings,
             "self_spec": {"draft_length": spec["draft_length"], "block_length": spec["draft_length"] + 1}}
 
@@ -117,30 +140,36 @@ def sweep(args: argparse.Namespace) -> str:
     model_dir = args.model
     engine = make_engine(model_dir)
     prompts = load_prompts(engine)
+    if args.heldout_windows:
+        if not args.data:
+            raise SystemExit("--heldout-windows needs --data")
+        prompts += heldout_windows(args.data, args.heldout_windows)
     ar = run(engine, prompts, args.max_tokens, len(prompts), mode="ar")
     ar_ppl = output_ppl(engine, prompts, ar["outputs"])
     lines = [f"model `{model_dir}`, {len(prompts)} held-out prompts, greedy, {args.max_tokens} new tokens; "
              f"AR output perplexity {ar_ppl:.2f}", "",
-             "| mode | block | threshold / draft | lookahead | TPF | acceptance length | agreement with AR | AR ppl of output |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | block | confidence | threshold / draft | lookahead | TPF | acceptance length | agreement with AR | "
+             "AR ppl of output |", "|---|---|---|---|---|---|---|---|---|"]
     diffusion_rows, spec_rows = [], []
     lookaheads = {"off": (False,), "on": (True,), "both": (False, True)}[args.lookahead]
+    grid = [("probability", t) for t in args.thresholds] + [("margin", t) for t in args.margins]
     for block in args.blocks:
-        for threshold in args.thresholds:
+        for confidence, threshold in grid:
             for lookahead in lookaheads:
                 r = run(engine, prompts, args.max_tokens, len(prompts), mode="diffusion", block_length=block,
-                        threshold=threshold, lookahead=lookahead)
-                row = {"block_length": block, "threshold": threshold, "lookahead": lookahead, "tpf": r["tpf"],
-                       "agreement": agreement(r["outputs"], ar["outputs"]), "ppl": output_ppl(engine, prompts, r["outputs"])}
+                        confidence=confidence, threshold=threshold, lookahead=lookahead)
+                row = {"block_length": block, "confidence": confidence, "threshold": threshold, "lookahead": lookahead,
+                       "tpf": r["tpf"], "agreement": agreement(r["outputs"], ar["outputs"]),
+                       "ppl": output_ppl(engine, prompts, r["outputs"])}
                 diffusion_rows.append(row)
-                lines.append(f"| diffusion | {block} | {threshold} | {'on' if lookahead else 'off'} | {row['tpf']:.2f} | - | "
-                             f"{row['agreement']:.3f} | {row['ppl']:.2f} |")
+                lines.append(f"| diffusion | {block} | {confidence} | {threshold} | {'on' if lookahead else 'off'} | "
+                             f"{row['tpf']:.2f} | - | {row['agreement']:.3f} | {row['ppl']:.2f} |")
                 print(lines[-1], flush=True)
     for draft in args.drafts:
         r = run(engine, prompts, args.max_tokens, len(prompts), mode="self_spec", draft_length=draft)
         assert r["outputs"] == ar["outputs"], "self_spec at temperature 0 must equal AR greedy"
         spec_rows.append({"draft_length": draft, "tpf": r["tpf"], "accept_len": r["accept_len"]})
-        lines.append(f"| self_spec | - | {draft} | - | {r['tpf']:.2f} | {r['accept_len']:.2f} | 1.000 | {ar_ppl:.2f} |")
+        lines.append(f"| self_spec | - | - | {draft} | - | {r['tpf']:.2f} | {r['accept_len']:.2f} | 1.000 | {ar_ppl:.2f} |")
         print(lines[-1], flush=True)
     chosen = choose(diffusion_rows, spec_rows, ar_ppl)
     lines += ["", f"chosen (`nld_decoding`): `{json.dumps(chosen)}`"]
@@ -225,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default=str(REPO / "server" / "default_model"))
     s.add_argument("--write-defaults", action="store_true")
     s.add_argument("--blocks", type=int, nargs="+", default=list(DIFFUSION_BLOCKS), help="diffusion block lengths")
-    s.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="diffusion unmasking thresholds")
+    s.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS),
+                   help="diffusion unmasking thresholds on a proposal's probability")
+    s.add_argument("--data", default=None, help="data.npz of training.train (for --heldout-windows)")
+    s.add_argument("--heldout-windows", type=int, default=0, help="also decode this many windows of the held-out stream")
+    s.add_argument("--margins", type=float, nargs="*", default=list(MARGINS),
+                   help="diffusion unmasking thresholds on a proposal's margin over the runner-up")
     s.add_argument("--drafts", type=int, nargs="+", default=list(DRAFT_LENGTHS), help="self_spec draft lengths")
     s.add_argument("--lookahead", choices=("off", "on", "both"), default="both", help="diffusion lookahead settings to sweep")
     c = sub.add_parser("compare")

@@ -26,7 +26,7 @@ def parse_settings(parser: argparse.ArgumentParser, command: str, argv: list[str
 
 def generate_parser() -> argparse.ArgumentParser:
     from server.engine.modes import mode_names
-    from server.engine.params import POLICIES, SPEC_VARIANTS
+    from server.engine.params import CONFIDENCE_MEASURES, POLICIES, SPEC_VARIANTS
 
     p = argparse.ArgumentParser(prog="python -m server generate", description="Generate offline and print JSON.")
     add_arguments(p, GENERATE)
@@ -47,6 +47,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, choices=SPEC_VARIANTS, help="self_spec: linear or quadratic")
     p.add_argument("--lookahead", default=None, action=argparse.BooleanOptionalAction,
                    help="diffusion: each commit pass also proposes the next block")
+    p.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES,
+                   help="diffusion: what --threshold compares (a proposal's probability, or its margin over the runner-up)")
     return p
 
 

@@ -146,6 +146,14 @@ def _variant(name: str, value: Any) -> None:
         raise ParamError(name, f"unknown self_spec variant {value!r}; expected one of {', '.join(SPEC_VARIANTS)}")
 
 
+CONFIDENCE_MEASURES: tuple[str, ...] = ("probability", "margin")
+
+
+def _confidence(name: str, value: Any) -> None:
+    if value not in CONFIDENCE_MEASURES:
+        raise ParamError(name, f"unknown confidence measure {value!r}; expected one of {', '.join(CONFIDENCE_MEASURES)}")
+
+
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ParamError(name, f"{name} must be true or false, got {value!r}")
@@ -161,6 +169,7 @@ KNOB_RULES: dict[str, Callable[[str, Any], None]] = {
     "policy": _policy,
     "seed_first_position": _boolean,
     "lookahead": _boolean,
+    "confidence": _confidence,
     "variant": _variant,
 }
 
@@ -188,6 +197,7 @@ class DecodeParams:
     draft_length: int | None = None
     seed_first_position: bool | None = None  # diffusion: canvas[0] = causal prediction (HF behaviour)
     lookahead: bool | None = None  # diffusion: the commit pass also proposes the next block
+    confidence: str | None = None  # diffusion: what threshold compares, "probability" or "margin"
     variant: str | None = None  # self_spec: "linear" (draft + verify) or "quadratic" (one pass)
 
     def __post_init__(self) -> None:
@@ -196,7 +206,7 @@ class DecodeParams:
 
     # the knobs a caller may set (seed_first_position is internal: the reference tests' switch)
     CALLER_KNOBS: ClassVar[tuple[str, ...]] = (
-        "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant", "lookahead",
+        "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant", "lookahead", "confidence",
     )
 
     @classmethod

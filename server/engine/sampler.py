@@ -93,6 +93,7 @@ class RowSpec:
     position: int  # absolute position of the token being chosen
     salt: int
     logprobs: int | None = None  # top-n logprobs wanted (None = none)
+    margin: bool = False  # also report the chosen token's lead over the runner-up (RowResult.margin)
 
 
 @dataclass
@@ -101,6 +102,9 @@ class RowResult:
     confidence: float  # softmax(raw logits)[token], mask id included in the denominator
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # with RowSpec.margin: confidence minus the probability (same softmax) of the most likely
+    # other id, the mask id excluded; <= 0 when a sampled token is not the argmax
+    margin: float | None = None
 
 
 def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int | None) -> list[RowResult]:
@@ -133,16 +137,25 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     top = torch.topk(log_probs, want_top, dim=-1) if want_top > 0 else None
     # one device-to-host transfer for everything the caller needs
     packed = [tokens.double(), chosen_lp.double()]
+    want_margin = any(s.margin for s in specs)
+    if want_margin:
+        others = log_probs.scatter(1, tokens[:, None], float("-inf"))
+        if mask_token_id is not None:
+            others[:, mask_token_id] = float("-inf")
+        packed.append(others.max(dim=-1).values.double())
+    first_top = len(packed)
     if top is not None:
         packed += [top.indices.double().T, top.values.double().T]
     host = torch.cat([t.reshape(-1, len(specs)) for t in packed]).T.tolist()
     tokens_l = [int(row[0]) for row in host]
     lp_l = [row[1] for row in host]
-    top_i = [[int(v) for v in row[2 : 2 + want_top]] for row in host] if top is not None else None
-    top_v = [row[2 + want_top :] for row in host] if top is not None else None
+    top_i = [[int(v) for v in row[first_top : first_top + want_top]] for row in host] if top is not None else None
+    top_v = [row[first_top + want_top :] for row in host] if top is not None else None
     results = []
     for i, spec in enumerate(specs):
         res = RowResult(token=tokens_l[i], confidence=math.exp(lp_l[i]))
+        if spec.margin:
+            res.margin = res.confidence - math.exp(host[i][2])
         if spec.logprobs is not None:
             res.logprob = lp_l[i]
             n = spec.logprobs

@@ -55,6 +55,7 @@ def post(server: LiveServer, path: str, body: Any, **kwargs: Any) -> httpx.Respo
         ("/v1/chat/completions", {"threshold": 1.5, "mode": "diffusion"}, "threshold"),
         ("/v1/chat/completions", {"block_length": 5000, "mode": "diffusion"}, "block_length"),
         ("/v1/chat/completions", {"lookahead": "sometimes", "mode": "diffusion"}, "lookahead"),
+        ("/v1/chat/completions", {"confidence": "entropy", "mode": "diffusion"}, "confidence"),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/completions", {"prompt": 12}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
@@ -82,6 +83,7 @@ def test_validation_errors_are_400(server: LiveServer, path: str, patch: dict[st
         ("/v1/chat/completions", {"mode": "diffusion", "draft_length": 3}, "draft_length"),
         ("/v1/chat/completions", {"mode": "ar", "lookahead": True}, "lookahead"),
         ("/v1/chat/completions", {"mode": "self_spec", "lookahead": False}, "lookahead"),
+        ("/v1/chat/completions", {"mode": "ar", "confidence": "margin"}, "confidence"),
         ("/v1/chat/completions", {"mode": "diffusion", "logprobs": True}, "logprobs"),
         ("/v1/chat/completions", {"mode": "self_spec", "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true

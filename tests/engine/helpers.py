@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from server.config import EngineConfig
+from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.outputs import RequestStats
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
@@ -17,6 +19,19 @@ from tests.engine.reference import Result, run_reference
 
 MASK_ID = 300
 VOCAB = 320
+REPO = Path(__file__).resolve().parents[2]
+
+
+def embedded_fp32_engine() -> LLMEngine:
+    """The embedded default model in fp32 (the dense reference's precision)."""
+    return LLMEngine.from_pretrained(EngineConfig(model=str(DEFAULT_MODEL_DIR), max_model_len=512, kv_cache_tokens=8192,
+                                                  dtype="float32"))
+
+
+def heldout_plain_prompts(engine: LLMEngine, first: int, stop: int) -> list[list[int]]:
+    """Plain prompts ``first:stop`` of benchmarks/heldout_prompts.json (held-out text)."""
+    spec = json.loads((REPO / "benchmarks" / "heldout_prompts.json").read_text())
+    return [engine.tokenizer.encode(t, add_special_tokens=False) for t in spec["plain"][first:stop]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +54,7 @@ def to_params(spec: dict, temperature: float = 0.0, seed: int | None = None, **s
     mode = spec["mode"]
     decode: dict[str, Any] = {"mode": mode}
     if mode == "diffusion":
-        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position", "lookahead"):
+        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position", "lookahead", "confidence"):
             if k in spec:
                 decode[k] = spec[k]
     elif mode == "self_spec":
@@ -77,6 +92,7 @@ def reference_for(model: DecoderModel, prompt: list[int], spec: dict, max_model_
             threshold=spec.get("threshold", 0.9),
             seed_first_position=spec.get("seed_first_position", True),
             lookahead=spec.get("lookahead", False),
+            confidence=spec.get("confidence", "probability"),
         )
     elif spec["mode"] == "self_spec":
         b = spec.get("block_length", model.config.block_size)

@@ -83,10 +83,11 @@ class Trace:
         self.min_margin = min(self.min_margin, margin)
 
 
-def pick(logits: torch.Tensor, mask_id: int | None, trace: Trace | None) -> tuple[int, float, float]:
+def pick(logits: torch.Tensor, mask_id: int | None, trace: Trace | None, measure: str = "probability") -> tuple[int, float, float]:
     """Greedy token (mask id excluded), its confidence (softmax over ALL ids, mask included, at
-    fp32: the precision of the engine's logits) and the argmax margin (top-1 minus top-2 logit).
-    The margin is noted on ``trace`` when one is given."""
+    fp32: the precision of the engine's logits; with ``measure="margin"`` minus the probability
+    of the best other non-mask id) and the argmax margin (top-1 minus top-2 logit). The argmax
+    margin is noted on ``trace`` when one is given."""
     allowed = logits.clone()
     if mask_id is not None:
         allowed[mask_id] = float("-inf")
@@ -95,7 +96,11 @@ def pick(logits: torch.Tensor, mask_id: int | None, trace: Trace | None) -> tupl
     if trace is not None:
         trace.note(margin)
     tok = int(top.indices[0])
-    conf = float(torch.log_softmax(logits.float(), dim=-1)[tok].exp())
+    probs = torch.log_softmax(logits.float(), dim=-1).exp()
+    conf = float(probs[tok])
+    if measure == "margin":
+        runner_up = int(top.indices[1])  # the best non-mask id after tok
+        conf -= float(probs[runner_up])
     return tok, conf, margin
 
 
@@ -191,6 +196,7 @@ def diffusion_greedy(
     threshold: float = 0.9,
     seed_first_position: bool = True,
     lookahead: bool = False,
+    confidence: str = "probability",
     max_tokens: int,
     max_model_len: int,
     stop_ids=(),
@@ -200,7 +206,7 @@ def diffusion_greedy(
     prompt) also runs the next block as an all-mask canvas under the denoise mask; the block
     then starts with the seed from that pass's last committed row and with every candidate
     whose proposal there has confidence >= threshold revealed (any policy); that pass is not
-    a denoise step."""
+    a denoise step. ``confidence``: "probability" or "margin" (see ``pick``)."""
     stops = frozenset(stop_ids)
     out = Output(len(prompt), max_tokens, max_model_len, stops)
     trace = Trace()
@@ -228,7 +234,7 @@ def diffusion_greedy(
 
         if ahead is not None:
             for i in candidates():
-                tok, conf, margin = pick(ahead[i], mask_id, None)
+                tok, conf, margin = pick(ahead[i], mask_id, None, confidence)
                 trace.note(abs(conf - threshold))
                 if conf >= threshold:
                     trace.note(margin)
@@ -238,7 +244,7 @@ def diffusion_greedy(
             passes += 1
             logits = block_logits(model, seq, canvas)
             cand = candidates()
-            proposals = {i: pick(logits[i], mask_id, None) for i in cand}
+            proposals = {i: pick(logits[i], mask_id, None, confidence) for i in cand}
             chosen = choose_reveals(
                 cand, {i: p[1] for i, p in proposals.items()}, policy, threshold, refine_steps - passes + 1, trace
             )

@@ -64,12 +64,12 @@ def heldout_prompts(engine: LLMEngine) -> list[list[int]]:
     return plain + chat
 
 
-# The issue's target for this guard is TPF > 2; the shipped model does not quite reach it at
-# its defaults: 1.96 on these prompts at block 4 / threshold 0.7 with lookahead commits (1.43
-# without; the fastest setting whose output keeps AR perplexity within 10%; 1.99 on the 24
-# prompts of the sweep, see docs/model-card.md, "Lookahead commits"). The floor guards the
+# The issue's target for this guard is TPF > 2; the shipped model does not reach it at its
+# defaults: 1.80 on these prompts at block 4 / threshold 0.8 with lookahead commits (the
+# fastest setting whose output keeps AR perplexity within 10% on the sweep's 72 held-out
+# prompts: TPF 1.83 there; see docs/model-card.md, "A larger sweep"). The floor guards the
 # measured gain with a margin for other CPUs' rounding; raise it to 2 with a model that gets there.
-DIFFUSION_TPF_FLOOR = 1.85
+DIFFUSION_TPF_FLOOR = 1.7
 
 
 def test_diffusion_tpf_at_shipped_defaults_stays_above_floor(engine: LLMEngine) -> None:

@@ -13,13 +13,12 @@ the next block from an all-mask canvas.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
 
-from server.config import DEFAULT_MODEL_DIR, EngineConfig
+from server.config import DEFAULT_MODEL_DIR
 from server.engine.batch import HostBatch
 from server.engine.engine import LLMEngine
 from server.engine.grammar import GrammarSpec
@@ -27,9 +26,8 @@ from server.engine.modes.diffusion import COMMIT_LOOKAHEAD
 from server.engine.params import DecodeParams, LogitControls, ParamError, RequestParams, SamplingParams
 from server.engine.work import DECODE, Work
 from server.model.loader import load_model
-from tests.engine.helpers import make_engine, model_for, to_params
+from tests.engine.helpers import embedded_fp32_engine, heldout_plain_prompts, make_engine, model_for, to_params
 from tests.engine.reference import diffusion_greedy
-from tests.engine.test_default_model_modes import REPO
 
 NEAR_TIE = 1e-5
 
@@ -61,11 +59,8 @@ def test_host_batch_gives_a_lookahead_work_two_segments() -> None:
 
 @pytest.fixture(scope="module")
 def embedded() -> tuple[LLMEngine, list[list[int]]]:
-    eng = LLMEngine.from_pretrained(EngineConfig(model=str(DEFAULT_MODEL_DIR), max_model_len=512, kv_cache_tokens=8192,
-                                                 dtype="float32"))
-    spec = json.loads((REPO / "benchmarks" / "heldout_prompts.json").read_text())
-    prompts = [eng.tokenizer.encode(t, add_special_tokens=False) for t in spec["plain"][6:9]]
-    return eng, prompts
+    eng = embedded_fp32_engine()
+    return eng, heldout_plain_prompts(eng, 6, 9)
 
 
 def _diffusion(eng: LLMEngine, prompts: list[list[int]], lookahead: bool, **sampling: object) -> list[dict]:

@@ -33,7 +33,7 @@ def prompts_for(seed: int) -> list[list[int]]:
 
 def specs_for(seed: int) -> list[dict]:
     """Every diffusion knob combination (block 4/8/32, refine 1/4/B, three policies, seeded and
-    unseeded canvas; lookahead at blocks 4/8), plus AR and self_spec with several draft lengths. max_tokens is rarely a
+    unseeded canvas; lookahead at blocks 4/8; margin confidence), plus AR and self_spec with several draft lengths. max_tokens is rarely a
     multiple of the block; with MAX_MODEL_LEN = 64 some blocks are cut by the context limit."""
     rng = random.Random(1000 + seed)
     specs: list[dict] = []
@@ -61,6 +61,13 @@ def specs_for(seed: int) -> list[dict]:
                     seed_first_position=seeded, lookahead=True, threshold=rng.choice([0.15, 0.2, 0.25]),
                     max_tokens=rng.choice([5, 13, 27, 40, 60]),
                 ))
+    # margin confidence (top-1 minus top-2 probability: a few hundredths on these models),
+    # with and without lookahead, ranked by both policies that read it
+    for block, lookahead, policy in ((4, True, "threshold"), (8, False, "threshold"), (8, True, "low_confidence")):
+        specs.append(dict(
+            mode="diffusion", block_length=block, refine_steps=block, policy=policy, lookahead=lookahead,
+            confidence="margin", threshold=rng.choice([0.02, 0.04, 0.08]), max_tokens=rng.choice([13, 27, 40]),
+        ))
     specs += [
         dict(mode="ar", max_tokens=30),
         dict(mode="ar", max_tokens=60),

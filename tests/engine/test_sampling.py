@@ -18,8 +18,9 @@ MODES = [
     dict(mode="diffusion", block_length=4, refine_steps=2, policy="low_confidence"),
     dict(mode="diffusion", block_length=8, refine_steps=8, policy="threshold", seed_first_position=False),
     dict(mode="self_spec", block_length=4),
+    dict(mode="diffusion", block_length=4, lookahead=True, confidence="margin", threshold=0.05),
 ]
-MODE_IDS = ["ar", "diffusion-4", "diffusion-8-unseeded", "self_spec"]
+MODE_IDS = ["ar", "diffusion-4", "diffusion-8-unseeded", "self_spec", "diffusion-margin-lookahead"]
 
 
 def _prompts(seed: int, n: int, lo: int = 2, hi: int = 20) -> list[list[int]]:
@@ -207,6 +208,7 @@ def test_invalid_sampling_params(kwargs: dict) -> None:
         dict(mode="diffusion", threshold=0.0),
         dict(mode="diffusion", threshold=1.01),
         dict(mode="diffusion", seed_first_position=1),
+        dict(mode="diffusion", confidence="entropy"),
         dict(mode="self_spec", draft_length=0),
     ],
 )
@@ -260,3 +262,26 @@ def test_engine_rejects_what_cannot_run() -> None:
     assert resolved.decode.block_length == model.config.block_size
     assert resolved.decode.refine_steps == model.config.block_size
     assert eng.resolve_params(RequestParams(decode=DecodeParams(mode="self_spec"))).decode.draft_length == model.config.block_size - 1
+
+
+def test_margin_is_the_lead_over_the_best_other_non_mask_id() -> None:
+    from server.engine.sampler import RowSpec, select_tokens
+
+    mask = 5
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=gen) * 3
+    logits[0, mask] = 50.0  # the mask id dominates the softmax but is neither chosen nor the runner-up
+    logits[1, 7] = logits[1, 9] = 20.0  # an exact tie on top: margin 0
+    specs = [RowSpec(0.0, 0, 1.0, 1, i, 0, margin=True) for i in range(4)]
+    specs += [RowSpec(1.5, 0, 1.0, 3, 10 + i, 0, margin=True) for i in range(2)]  # sampled rows
+    results = select_tokens(logits, specs, mask)
+    probs = torch.softmax(logits.double(), dim=-1)  # mask id in the denominator, as confidence
+    for row, r in enumerate(results):
+        others = [t for t in range(40) if t not in (r.token, mask)]
+        expected = float(probs[row, r.token] - probs[row, others].max())
+        assert r.margin == pytest.approx(expected, abs=1e-6)
+        assert r.margin <= r.confidence
+    assert results[0].token != mask and results[0].margin < 1e-3  # tiny shares once the mask takes the mass
+    assert results[1].margin == pytest.approx(0.0, abs=1e-9)
+    # not asked for: not computed
+    assert all(r.margin is None for r in select_tokens(logits, [RowSpec(0.0, 0, 1.0, 1, 0, 0)] * 6, mask))

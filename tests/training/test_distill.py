@@ -187,3 +187,24 @@ def test_decoding_defaults_selection_rule() -> None:
     assert choose(rows[3:], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 16, "threshold": 0.5}
     ahead = dict(row(4, 0.7, 2.6, 0.93, 4.2), lookahead=True)  # the lookahead setting is written with the rest
     assert choose(rows + [ahead], spec, ar_ppl=4.0)["diffusion"] == {"block_length": 4, "threshold": 0.7, "lookahead": True}
+    margin = dict(row(4, 0.5, 2.7, 0.93, 4.1), lookahead=True, confidence="margin")  # so is the confidence measure
+    assert choose(rows + [ahead, margin], spec, ar_ppl=4.0)["diffusion"] == {
+        "block_length": 4, "confidence": "margin", "threshold": 0.5, "lookahead": True}
+
+
+def test_sweep_heldout_windows_are_plain_held_out_text(tmp_path: Path) -> None:
+    """benchmarks/decoding_sweep.py --heldout-windows: 16-48 tokens of the held-out stream,
+    special tokens dropped, the same windows on every call."""
+    from benchmarks.decoding_sweep import heldout_windows
+
+    data = _token_data(1)
+    data.heldout[::7] = EOS_ID  # special tokens sprinkled through the stream
+    path = tmp_path / "data.npz"
+    data.save(path)
+    windows = heldout_windows(str(path), 20)
+    assert windows == heldout_windows(str(path), 20) and len(windows) == 20
+    held = data.heldout.tolist()
+    for w in windows:
+        assert 16 <= len(w) <= 48 and min(w) > 6
+        starts = [i for i, t in enumerate(held) if t == w[0]]  # each is a run of the stream, special tokens skipped
+        assert any([t for t in held[i : i + 2 * len(w)] if t > 6][: len(w)] == w for i in starts)

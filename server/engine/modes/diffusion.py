@@ -24,12 +24,17 @@ threshold is what keeps them safe. The fused pass is atomic (it waits for a step
 a prompt chunked under the step budget leaves its last token to it), so ``largest_pass``
 doubles. Requests with a grammar or logit controls (their rows need the committed text
 before every position), and image prompts' prefill, commit plainly.
+
+``confidence``: what ``threshold`` (and the low_confidence ranking) compares: a proposal's
+probability (``"probability"``, the softmax over all ids, mask included, as HF does), or its
+margin over the runner-up (``"margin"``: that probability minus the next most likely non-mask
+id's), which holds back tokens the model hesitates over between two candidates.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,7 +55,7 @@ PREFILL_LOOKAHEAD = WorkKind("prefill_lookahead", writes_kv=True, attention="cau
 LOOKAHEAD_KINDS = (PREFILL_LOOKAHEAD, COMMIT_LOOKAHEAD)
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
-    "threshold": 0.9, "policy": "threshold", "seed_first_position": True, "lookahead": False,
+    "threshold": 0.9, "policy": "threshold", "seed_first_position": True, "lookahead": False, "confidence": "probability",
 }
 
 
@@ -63,6 +68,7 @@ class DiffusionParams(ModeParams):
     policy: UnmaskPolicy
     seed_first_position: bool
     lookahead: bool
+    confidence: str  # "probability" (HF) or "margin": what threshold and the policies rank by
 
 
 GRAMMAR_OPEN = 2**31
@@ -145,7 +151,7 @@ class BlockDiffusionMode(DecodeMode):
     open block has at least one position left to reveal; denoise passes write no K/V."""
 
     name = "diffusion"
-    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position", "lookahead")
+    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position", "lookahead", "confidence")
     needs_mask_token = True
     work_kinds = (PREFILL, DENOISE, COMMIT) + LOOKAHEAD_KINDS
     metric_histograms = ("diffusion_denoising_steps_per_block",)
@@ -278,23 +284,24 @@ class BlockDiffusionMode(DecodeMode):
         self._start_block(req, st)
         if st.canvas is None:  # the seed alone finished the block
             return
-        threshold = _params(req.params.decode).threshold
+        dp = _params(req.params.decode)
         for i in self._candidates(req, st):  # every candidate was proposed (same block, same budget)
-            if proposals[i].confidence >= threshold:
+            if confidence(proposals[i], dp) >= dp.threshold:
                 st.canvas[i], st.revealed[i] = proposals[i].token, True
         self._finish_block_if_done(req, st)
 
     def row_specs(self, req: Request, work: Work) -> list[RowSpec]:
+        margin = _params(req.params.decode).confidence == "margin"
         if work.kind in LOOKAHEAD_KINDS:
             base = req.num_computed
             seed = [sample_spec(req, base + work.block_start)] if self._seeding(req) else []
             canvas_rows = work.logit_rows[len(seed) :]
-            return seed + [sample_spec(req, base + r, SALT_LOOKAHEAD) for r in canvas_rows]
+            return seed + [replace(sample_spec(req, base + r, SALT_LOOKAHEAD), margin=margin) for r in canvas_rows]
         if work.kind is not DENOISE:
             return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
         st = self._state(req)
         salt = SALT_DENOISE + 16 * st.steps
-        return [sample_spec(req, req.num_computed + i, salt) for i in work.logit_rows]
+        return [replace(sample_spec(req, req.num_computed + i, salt), margin=margin) for i in work.logit_rows]
 
     def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
         st = self._state(req)
@@ -312,7 +319,7 @@ class BlockDiffusionMode(DecodeMode):
         candidates = self._candidates(req, st)
         dp = _params(req.params.decode)
         steps_left = dp.refine_steps - st.steps + 1
-        confidences = {i: proposals[i].confidence for i in candidates}
+        confidences = {i: confidence(proposals[i], dp) for i in candidates}
         if req.grammar is not None:
             chosen = grammar_reveals(req.grammar, st, candidates, proposals, confidences, dp, steps_left)
         else:
@@ -320,6 +327,16 @@ class BlockDiffusionMode(DecodeMode):
         for i in chosen:
             st.canvas[i], st.revealed[i] = proposals[i].token, True
         self._finish_block_if_done(req, st)
+
+
+def confidence(result: RowResult, dp: DiffusionParams) -> float:
+    """The number ``threshold`` and the policies compare: the proposal's probability, or with
+    ``confidence="margin"`` its lead over the runner-up (a token the model hesitates over
+    against one alternative is not revealed however large its own share)."""
+    if dp.confidence == "margin":
+        assert result.margin is not None, "margin rows ask the sampler for it"
+        return result.margin
+    return result.confidence
 
 
 def _params(params: ModeParams) -> DiffusionParams:
