@@ -1,12 +1,16 @@
 """Decoding settings of the embedded model, measured on held-out prompts.
 
-    python benchmarks/decoding_sweep.py sweep   [--model DIR] [--out FILE.md] [--write-defaults]
+    python benchmarks/decoding_sweep.py sweep   [--model DIR] [--data RUN/data.npz --heldout-windows 48]
+                                                [--out FILE.md] [--write-defaults]
     python benchmarks/decoding_sweep.py compare --models A B [--data RUN/data.npz] [--out FILE.md]
     python benchmarks/decoding_sweep.py prompts --data RUN/data.npz   # rebuild heldout_prompts.json
 
 Prompts: ``benchmarks/heldout_prompts.json``, text cut from the held-out split of the
 training corpus (never used for training or distillation): plain passages and chat-wrapped
-openings. All decoding is greedy (temperature 0), ``ignore_eos``, ``--max-tokens`` new tokens.
+openings; ``sweep --heldout-windows N`` adds N windows of the held-out token stream (the
+shipped defaults were chosen on 24 + 48: 24 prompts are too few to rank settings whose output
+perplexities differ by a few per cent). All decoding is greedy (temperature 0),
+``ignore_eos``, ``--max-tokens`` new tokens.
 
 * ``sweep``: diffusion over block length x confidence measure x threshold x lookahead (the
   commit pass also proposes the next block; ``--lookahead off|on|both``); ``--thresholds``
