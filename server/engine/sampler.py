@@ -137,8 +137,8 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     top = torch.topk(log_probs, want_top, dim=-1) if want_top > 0 else None
     # one device-to-host transfer for everything the caller needs
     packed = [tokens.double(), chosen_lp.double()]
-    want_margin = any(s.margin for s in specs)
-    if want_margin:
+    margin_col = len(packed)  # the runner-up's log-probability, when some row wants a margin
+    if any(s.margin for s in specs):
         others = log_probs.scatter(1, tokens[:, None], float("-inf"))
         if mask_token_id is not None:
             others[:, mask_token_id] = float("-inf")
@@ -155,7 +155,7 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     for i, spec in enumerate(specs):
         res = RowResult(token=tokens_l[i], confidence=math.exp(lp_l[i]))
         if spec.margin:
-            res.margin = res.confidence - math.exp(host[i][2])
+            res.margin = res.confidence - math.exp(host[i][margin_col])
         if spec.logprobs is not None:
             res.logprob = lp_l[i]
             n = spec.logprobs

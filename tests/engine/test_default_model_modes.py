@@ -4,15 +4,14 @@ self-speculation at temperature 0 reproduces AR greedy decoding exactly."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.params import DecodeParams, RequestParams, SamplingParams
+from tests.engine.helpers import REPO, heldout_plain_prompts
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["To be, or not to be, that is", "It is a truth universally acknowledged", "In the beginning", "ROMEO.\nBut soft"]
 
 
@@ -58,7 +57,7 @@ def shipped_decoding(mode: str) -> dict[str, object]:
 def heldout_prompts(engine: LLMEngine) -> list[list[int]]:
     """Fixed prompts cut from the corpus' held-out split (never trained or distilled on)."""
     spec = json.loads((REPO / "benchmarks" / "heldout_prompts.json").read_text())
-    plain = [engine.tokenizer.encode(t, add_special_tokens=False) for t in spec["plain"][:6]]
+    plain = heldout_plain_prompts(engine, 0, 6)
     chat = [engine.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
                                                  return_dict=False) for t in spec["chat"][:2]]
     return plain + chat

@@ -124,10 +124,11 @@ def prefill_work(req: Request, budget: int, target: int, want_logits: bool, kind
     return Work(kind=kind, token_ids=tokens, logit_rows=[n - 1] if (last and want_logits) else [])
 
 
-def sample_spec(req: Request, position: int, salt: int = SALT_SAMPLE) -> RowSpec:
-    """A causal sampling row for the token at ``position`` with the request's sampling params."""
+def sample_spec(req: Request, position: int, salt: int = SALT_SAMPLE, margin: bool = False) -> RowSpec:
+    """A sampling row for the token at ``position`` with the request's sampling params
+    (``margin``: the sampler also reports the token's lead over the runner-up)."""
     s = req.params.sampling
-    return RowSpec(s.temperature, s.top_k, s.top_p, req.seed, position, salt, s.logprobs)
+    return RowSpec(s.temperature, s.top_k, s.top_p, req.seed, position, salt, s.logprobs, margin)
 
 
 def refuse_sequence_controls(sampling: SamplingParams, where: str) -> None:

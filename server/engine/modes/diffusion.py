@@ -34,7 +34,7 @@ id's), which holds back tokens the model hesitates over between two candidates.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -296,12 +296,12 @@ class BlockDiffusionMode(DecodeMode):
             base = req.num_computed
             seed = [sample_spec(req, base + work.block_start)] if self._seeding(req) else []
             canvas_rows = work.logit_rows[len(seed) :]
-            return seed + [replace(sample_spec(req, base + r, SALT_LOOKAHEAD), margin=margin) for r in canvas_rows]
+            return seed + [sample_spec(req, base + r, SALT_LOOKAHEAD, margin) for r in canvas_rows]
         if work.kind is not DENOISE:
             return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
         st = self._state(req)
         salt = SALT_DENOISE + 16 * st.steps
-        return [replace(sample_spec(req, req.num_computed + i, salt), margin=margin) for i in work.logit_rows]
+        return [sample_spec(req, req.num_computed + i, salt, margin) for i in work.logit_rows]
 
     def apply(self, req: Request, work: Work, results: list[RowResult], logits: torch.Tensor) -> None:
         st = self._state(req)
