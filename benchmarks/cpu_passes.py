@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab", choices=["gemv", "attention", "amx", "elementwise", "packed"], default=None,
+    p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed"], default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
                         "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
-                        "bf16 projections of 5+ rows, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
+                        "bf16 projections of 5+ rows, against oneDNN's packed GEMM; kernels.cpu_sgemm: fp32 "
+                        "projections on panels, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
                         "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none) and print both")
     args = p.parse_args(argv)
 
@@ -120,18 +121,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pack_switch(model, other: str):  # type: ignore[no-untyped-def]
     """A function that puts the model's packed weights (True) or the ``other`` set (False) in
-    place: ``amx``: oneDNN-packed copies instead of AMX tiles; ``packed``: none (plain GEMMs).
-    Both sets are made up front."""
-    from kernels import cpu_amx
+    place: ``amx``/``sgemm``: oneDNN-packed copies instead of AMX tiles / fp32 panels;
+    ``packed``: none (plain GEMMs). Both sets are made up front."""
+    from kernels import cpu_amx, cpu_sgemm
 
     def packs() -> list:
         return [(layer.self_attn.packed, layer.mlp.packed) for layer in model.layers] + [model.packed_head]
 
     tiles = packs()
-    if other == "amx":
-        cpu_amx.enabled = False
+    if other in ("amx", "sgemm"):
+        kernel = cpu_amx if other == "amx" else cpu_sgemm
+        kernel.enabled = False
         model.prepack_cpu_weights()
-        cpu_amx.enabled = True
+        kernel.enabled = True
         alternative = packs()
     else:
         alternative = [(None, None)] * len(model.layers) + [None]
@@ -148,10 +150,10 @@ def _pack_switch(model, other: str):  # type: ignore[no-untyped-def]
 def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def]
     """Each pass alternately with and without one C kernel, so both see the same machine.
     The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
-    from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention
+    from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention, cpu_sgemm
 
-    if args.ab in ("amx", "packed"):
-        print(f"kernels.cpu_amx available: {cpu_amx.available()}")
+    if args.ab in ("amx", "sgemm", "packed"):
+        print(f"kernels.cpu_amx available: {cpu_amx.available()}, kernels.cpu_sgemm: {cpu_sgemm.available()}")
         use = _pack_switch(engine.model, args.ab)
     else:
         kernel = {"gemv": cpu_gemv, "attention": cpu_paged_attention, "elementwise": cpu_elementwise}[args.ab]

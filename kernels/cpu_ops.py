@@ -8,16 +8,17 @@ own fused path passes tensors it built itself, so on the CPU it calls these inst
 inputs' dtype): one C call per op (``kernels.cpu_elementwise``) where it is built, else
 PyTorch (the rotary written with fewer aten calls).
 
-GEMMs: a pass of at most four rows (a decode step at batch 1-4, a small block) goes through
-``kernels.cpu_gemv``, which streams the weights at close to the memory bandwidth. Larger passes
-of at most ``PACKED_MAX_ROWS`` rows use a copy of the weight reordered once
-(``prepack_linear_weight``): on a CPU with AMX-BF16, the tiles of ``kernels.cpu_amx``
-(1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's blocked layout for bf16/fp16, which
-skips the plain GEMM's per-call reorder (1.1-1.7x faster per projection at 1-256 rows on an
-AVX-512 Xeon, bit-identical results; slower at 512 rows, so larger passes take the plain GEMM);
-fp32 weights too (1.16-1.5x MKL's plain GEMM at 5-128 rows; MKL's own packed layout only pays
-at the one row count it was packed for). One fp32 row stays on MKL's sgemv, which is at the
-bandwidth already.
+GEMMs: fp32 weights are repacked once into ``kernels.cpu_sgemm``'s 16-column panels
+(``prepack_linear_weight``), which run passes of 1 to ``cpu_sgemm.MAX_ROWS`` rows (at the
+bandwidth at one row like MKL's sgemv, 1.2-2x oneDNN's packed GEMM at 2-64 rows on an AVX-512
+Xeon; each row's result independent of the others). Other dtypes: a pass of at most four rows
+(a decode step at batch 1-4, a small block) goes through ``kernels.cpu_gemv``, which streams
+the weights at close to the memory bandwidth. Larger passes of at most ``PACKED_MAX_ROWS``
+rows use a copy of the weight reordered once: on a CPU with AMX-BF16, the tiles of
+``kernels.cpu_amx`` (1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's blocked layout
+for bf16/fp16 (and fp32 where the panels cannot run), which skips the plain GEMM's per-call
+reorder (1.1-1.7x faster per projection at 1-256 rows on an AVX-512 Xeon, bit-identical
+results; slower at 512 rows, so larger passes take the plain GEMM).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kernels import cpu_amx, cpu_elementwise, cpu_gemv
+from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_sgemm
 from kernels.reference import rms_norm_reference, silu_mul_reference
 
 
@@ -45,16 +46,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_mul_reference(gate_up)
 
 
-# a weight reordered once for ``linear``: AMX tiles, or oneDNN's blocked tensor
-PackedWeight = torch.Tensor | cpu_amx.AmxWeight
+# a weight reordered once for ``linear``: AMX tiles, fp32 panels, or oneDNN's blocked tensor
+PackedWeight = torch.Tensor | cpu_amx.AmxWeight | cpu_sgemm.PanelWeight
 
 
 def prepack_linear_weight(weight: torch.Tensor) -> PackedWeight | None:
-    """A copy of a ``[N, K]`` weight reordered for ``linear``: ``kernels.cpu_amx``'s tiles where
-    that kernel runs, else oneDNN's blocked layout; None where packing cannot run (no oneDNN,
-    a CPU without bf16/fp16 support)."""
+    """A copy of a ``[N, K]`` weight reordered for ``linear``: ``kernels.cpu_amx``'s tiles (bf16)
+    or ``kernels.cpu_sgemm``'s panels (fp32) where those kernels run, else oneDNN's blocked
+    layout; None where packing cannot run (no oneDNN, a CPU without bf16/fp16 support)."""
     if cpu_amx.packs(weight):
         return cpu_amx.pack(weight)
+    if cpu_sgemm.packs(weight):
+        return cpu_sgemm.pack(weight)
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
@@ -70,12 +73,15 @@ PACKED_MAX_ROWS = 256
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
-    """``x @ weight.T`` (no bias): at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv``
-    (eager only: a compiled graph keeps its packed GEMMs); else through the ``packed`` copy of
-    ``weight`` when given, for at most ``PACKED_MAX_ROWS`` rows."""
+    """``x @ weight.T`` (no bias): fp32 panels (``packed``) for at most ``cpu_sgemm.MAX_ROWS``
+    rows; else at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv`` (eager only: a
+    compiled graph keeps its packed GEMMs); else through the ``packed`` copy of ``weight`` when
+    given, for at most ``PACKED_MAX_ROWS`` rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if isinstance(packed, cpu_sgemm.PanelWeight):
+        return cpu_sgemm.linear(x, packed) if rows <= cpu_sgemm.MAX_ROWS else F.linear(x, weight)
     if not torch.compiler.is_compiling() and cpu_gemv.applies(x, weight):
         return cpu_gemv.linear(x, weight)
-    rows = x.numel() // max(x.shape[-1], 1)
     if packed is None or rows > PACKED_MAX_ROWS or (rows == 1 and weight.dtype == torch.float32):
         return F.linear(x, weight)
     if isinstance(packed, cpu_amx.AmxWeight):

@@ -1,0 +1,114 @@
+/* fp32 projections of several rows on prepacked weights: y[M, N] = x[M, K] @ w[N, K]^T.
+ *
+ * A diffusion block with its lookahead (8 rows), a verify or draft pass of self-speculation
+ * (16 rows) or a batched decode step (5-32 rows) still reads each weight once per pass, so the
+ * arithmetic should cost little more than a one-row step. oneDNN's packed fp32 GEMM is built
+ * for larger tiles: at 8 rows it runs at about half the speed of its 16-row pass on this
+ * model's projections. Here the weight is repacked once (nld_sgemm_pack_f32) into panels of
+ * 16 output columns stored k-major,
+ *
+ *   packed[p][k][c] = w[16 p + c][k]
+ *
+ * and a register tile of up to MR rows by two panels (32 columns) walks k: per step it loads
+ * two weight vectors, broadcasts each x value of the tile's rows, and does MR x 2 FMAs. The
+ * weights are read from two contiguous streams; a tile of rows past MR takes another pass over
+ * the same panels, which are then in the cache. N must be a multiple of 32 (callers check).
+ *
+ * Each output is one fused multiply-add chain over k = 0, 1, ..., K - 1 from zero, so its value
+ * does not depend on M or on the row's place in the batch (rows are independent), only on x's
+ * row and w. Needs AVX-512F (MR 12) or AVX2 with FMA (MR 2); built elsewhere, the library
+ * reports 0 from nld_sgemm_available and the callers keep oneDNN.
+ */
+#include <stdint.h>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+
+#if defined(__AVX512F__)
+#define MR 12 /* 24 accumulators + 2 weight vectors + 1 broadcast of the 32 zmm registers */
+#define VPP 1 /* vectors per 16-column panel */
+typedef __m512 vf;
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VBCAST(p) _mm512_set1_ps(*(p))
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VZERO() _mm512_setzero_ps()
+#else
+#define MR 2 /* 8 accumulators + 4 weight vectors + 1 broadcast of the 16 ymm registers */
+#define VPP 2
+typedef __m256 vf;
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VBCAST(p) _mm256_broadcast_ss(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VZERO() _mm256_setzero_ps()
+#endif
+#define NV (2 * VPP) /* vectors per step: two panels */
+#define VW (16 / VPP)
+
+#ifndef PF_LINES
+#define PF_LINES 16 /* software prefetch distance in each panel stream, in k steps of 64 bytes */
+#endif
+
+int nld_sgemm_available(void) { return 1; }
+
+/* rows [m0, m0 + R) of x against panels p and p + 1 (columns 16 p .. 16 p + 31). */
+static inline __attribute__((always_inline)) void tile(const float* x, const float* panels, float* y, int64_t m0,
+                                                        int R, int64_t p, int64_t N, int64_t K) {
+    const float* w0 = panels + p * K * 16;
+    const float* w1 = w0 + K * 16;
+    const float* xr = x + m0 * K;
+    vf acc[MR][NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = VZERO();
+    for (int64_t k = 0; k < K; k++) {
+        _mm_prefetch((const char*)(w0 + (k + PF_LINES) * 16), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w1 + (k + PF_LINES) * 16), _MM_HINT_T0);
+        vf wv[NV];
+        for (int v = 0; v < VPP; v++) {
+            wv[v] = VLOAD(w0 + k * 16 + v * VW);
+            wv[VPP + v] = VLOAD(w1 + k * 16 + v * VW);
+        }
+        for (int r = 0; r < R; r++) {
+            const vf b = VBCAST(xr + r * K + k);
+            for (int v = 0; v < NV; v++) acc[r][v] = VFMA(b, wv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) VSTORE(y + (m0 + r) * N + p * 16 + v * VW, acc[r][v]);
+}
+
+/* R is a constant in each case, so the loops above unroll and the accumulators stay in registers. */
+static void tile_rows(const float* x, const float* panels, float* y, int64_t m0, int R, int64_t p, int64_t N,
+                      int64_t K) {
+    switch (R) {
+#define CASE(n) \
+    case n: tile(x, panels, y, m0, n, p, N, K); break;
+        CASE(1) CASE(2)
+#if MR > 2
+        CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
+#endif
+#undef CASE
+        default: break;
+    }
+}
+
+/* x [M, K], y [M, N] row-major and contiguous; packed as above. Work items: pairs of panels;
+ * rows are cut into even chunks of at most MR, which a thread runs one after the other over
+ * its panels. */
+void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t chunks = (M + MR - 1) / MR, pairs = N / 32;
+    if (M == 0) return;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t pair = 0; pair < pairs; pair++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t m0 = c * M / chunks, m1 = (c + 1) * M / chunks;
+            tile_rows(x, packed, y, m0, (int)(m1 - m0), 2 * pair, N, K);
+        }
+}
+#else
+int nld_sgemm_available(void) { return 0; }
+void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    (void)x, (void)packed, (void)y, (void)M, (void)N, (void)K, (void)threads;
+}
+#endif

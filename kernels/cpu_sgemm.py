@@ -1,0 +1,89 @@
+"""fp32 projections of several rows on prepacked weights (``kernels/cpu_sgemm.c``; its header
+says why and gives the packed layout).
+
+Built on first use by ``kernels.cpu_build``. ``available()`` is False without a C compiler, on
+a CPU without AVX-512F or AVX2+FMA, or with ``NLD_CPU_SGEMM=0``; callers then keep oneDNN's
+packed GEMM.
+
+``pack`` copies a ``[N, K]`` fp32 weight into 16-column panels once; ``linear`` then computes
+``x @ weight.T``, each output one fused multiply-add chain over k in order, so a row's result
+does not depend on the other rows of the pass (only the summation order differs from MKL's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_build
+
+SOURCE = Path(__file__).with_name("cpu_sgemm.c")
+PANEL = 16  # output columns per panel; the kernel walks two panels at a time
+# Above this many rows MKL's GEMM catches up (1.0x at 128 rows, 0.8x at 256: this model's
+# projections on an AVX-512 Xeon, one and two threads).
+MAX_ROWS = 64
+# False: fp32 weights are packed for oneDNN instead (tests, benchmarks); packed ones still run here
+enabled = True
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """A ``[n, k]`` fp32 weight as ``panels[p][k][c] = w[16 p + c][k]`` (flat, ``n * k``)."""
+
+    panels: torch.Tensor
+    n: int
+    k: int
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_build.load(SOURCE, "NLD_CPU_SGEMM")
+    return None if lib is None else _bind(lib)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL | None:
+    """``lib`` with its functions typed; None where it was built without AVX-512F or AVX2+FMA."""
+    lib.nld_sgemm_available.restype = ctypes.c_int
+    lib.nld_sgemm_available.argtypes = []
+    if not lib.nld_sgemm_available():
+        return None
+    lib.nld_sgemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.nld_sgemm_f32.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built with its vector code."""
+    return _library() is not None
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether ``pack(weight)`` applies: a 2-D fp32 CPU weight with ``N % 32 == 0`` (whole
+    panel pairs), and the kernel available (and ``enabled``)."""
+    return (enabled and weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.shape[0] % (2 * PANEL) == 0 and available())
+
+
+def pack(weight: torch.Tensor) -> PanelWeight:
+    """``weight`` ``[N, K]`` as panels of 16 columns, each stored k-major."""
+    n, k = weight.shape
+    assert n % (2 * PANEL) == 0, (n, k)
+    panels = weight.detach().reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous().reshape(-1)
+    return PanelWeight(panels, n, k)
+
+
+def linear(x: torch.Tensor, weight: PanelWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` ``[..., K]`` (fp32) and the packed ``W``; callers check
+    ``available()`` (and that the weight was packed here). ``lib``: another build of the
+    source (tests of its AVX2 path)."""
+    lib = lib or _library()
+    assert lib is not None and x.dtype == torch.float32 and x.shape[-1] == weight.k, (x.dtype, x.shape, weight.k)
+    rows = x.reshape(-1, weight.k).contiguous()
+    out = torch.empty(rows.shape[0], weight.n, dtype=torch.float32)
+    lib.nld_sgemm_f32(rows.data_ptr(), weight.panels.data_ptr(), out.data_ptr(), rows.shape[0], weight.n, weight.k,
+                      torch.get_num_threads())
+    return out.view(*x.shape[:-1], weight.n)

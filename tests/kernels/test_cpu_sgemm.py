@@ -1,0 +1,163 @@
+"""``kernels.cpu_sgemm`` (fp32 projections on 16-column panels): its packed layout against the
+formula in the C source's header, its sums against float64, each row's independence of the
+others, its AVX2 build, the dispatch in ``kernels.cpu_ops``, its fallbacks, and a fused model
+through it."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import cpu_ops, cpu_sgemm
+from server.model.model import DenseAttention
+from server.model.tiny import tiny_nld_config
+from tests.fixtures.c_kernels import build_for_isa
+from tests.fixtures.spy import count_calls
+from tests.fixtures.tiny_models import random_model
+
+needs_kernel = pytest.mark.skipif(not cpu_sgemm.available(), reason="no AVX-512F/AVX2 build (or no C compiler)")
+
+# (N, K): one panel pair; K of one; odd K; real projection shapes of the embedded model
+SHAPES = [(32, 16), (64, 1), (96, 37), (640, 384), (384, 1152)]
+# one register tile (up to 12 rows on AVX-512), several tiles cut evenly, MAX_ROWS
+ROWS = [1, 2, 5, 8, 12, 13, 16, 25, 64]
+
+
+def fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """How far K fused multiply-adds in fp32 may drift from the exact dot products."""
+    return x.shape[-1] * 2.0**-24 * (x.double().abs() @ w.double().abs().T) * 1.01
+
+
+def test_pack_follows_the_documented_layout() -> None:
+    """packed[p][k][c] = w[16 p + c][k] (kernels/cpu_sgemm.c). Pure torch: runs on any CPU."""
+    n, k = 64, 5
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    got = cpu_sgemm.pack(w)
+    assert (got.n, got.k) == (n, k) and got.panels.numel() == n * k and got.panels.is_contiguous()
+    want = [w[16 * p + c, kk] for p in range(n // 16) for kk in range(k) for c in range(16)]
+    assert torch.equal(got.panels, torch.stack(want))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_sums_are_within_fp32_rounding_of_float64(rows: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 7 + k + rows)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    got = cpu_sgemm.linear(x, cpu_sgemm.pack(w))
+    exact = x.double() @ w.double().T
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert ((got.double() - exact).abs() <= fp32_bound(x, w)).all()
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_other_rows() -> None:
+    """The header's promise: one FMA chain per output, so a row computed alone, in any batch,
+    at any place in it, is bit-identical (what makes a verify row equal a decode step)."""
+    g = torch.Generator().manual_seed(2)
+    w = cpu_sgemm.pack(torch.randn(640, 384, generator=g))
+    x = torch.randn(64, 384, generator=g)
+    alone = torch.cat([cpu_sgemm.linear(x[i:i + 1], w) for i in range(64)])
+    for rows in (2, 5, 8, 13, 16, 31, 64):
+        start = 64 - rows
+        assert torch.equal(cpu_sgemm.linear(x[start:], w), alone[start:]), rows
+
+
+@needs_kernel
+def test_leading_dims_strided_rows_empty_input_and_nan() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 24, generator=g)
+    packed = cpu_sgemm.pack(w)
+    x = torch.randn(3, 5, 48, generator=g)[..., ::2]  # [3, 5, 24], not contiguous
+    got = cpu_sgemm.linear(x, packed)
+    assert got.shape == (3, 5, 64)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert cpu_sgemm.linear(torch.empty(0, 24), packed).shape == (0, 64)
+    xn = torch.randn(20, 24, generator=g)
+    xn[17, 5] = math.nan
+    out = cpu_sgemm.linear(xn, packed)
+    assert out[17].isnan().all() and not out[[0, 16, 18]].isnan().any(), "a NaN stays in its row"
+
+
+@needs_kernel
+def test_avx2_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 code path (2-row tiles, two ymm per panel) keeps the bound and the row
+    independence; a plain-C build says it is not available."""
+    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
+    lib = cpu_sgemm._bind(build_for_isa(cpu_sgemm.SOURCE, "avx2"))
+    assert lib is not None
+    g = torch.Generator().manual_seed(9)
+    for rows, (n, k) in ((1, (32, 37)), (3, (96, 250)), (8, (64, 16))):
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        got = cpu_sgemm.linear(x, cpu_sgemm.pack(w), lib)
+        assert ((got.double() - x.double() @ w.double().T).abs() <= fp32_bound(x, w)).all(), (rows, n, k)
+        assert torch.equal(got[-1:], cpu_sgemm.linear(x[-1:], cpu_sgemm.pack(w), lib))
+    assert cpu_sgemm._bind(build_for_isa(cpu_sgemm.SOURCE, "plain")) is None
+
+
+def test_what_packs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_sgemm, "available", lambda: True)
+    assert cpu_sgemm.packs(torch.zeros(64, 96))
+    assert not cpu_sgemm.packs(torch.zeros(64, 96, dtype=torch.bfloat16)), "bf16 has its own kernels"
+    assert not cpu_sgemm.packs(torch.zeros(48, 96)), "N not whole pairs of 16-column panels"
+    assert not cpu_sgemm.packs(torch.zeros(64)), "not a matrix"
+    monkeypatch.setattr(cpu_sgemm, "enabled", False)
+    assert not cpu_sgemm.packs(torch.zeros(64, 96))
+
+
+@needs_kernel
+def test_cpu_ops_routes_fp32_passes_through_the_panels(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 96, generator=g)
+    packed = cpu_ops.prepack_linear_weight(w)
+    assert isinstance(packed, cpu_sgemm.PanelWeight)
+    calls = count_calls(monkeypatch, cpu_sgemm, "linear")
+    for rows in (1, 3, 16, cpu_sgemm.MAX_ROWS):
+        x = torch.randn(rows, 96, generator=g)
+        torch.testing.assert_close(cpu_ops.linear(x, w, packed), torch.nn.functional.linear(x, w),
+                                   atol=1e-5, rtol=1e-5)
+    assert calls["n"] == 4, "one row and 2-4 rows too: the panels stream as fast as sgemv and cpu_gemv"
+    x = torch.randn(cpu_sgemm.MAX_ROWS + 1, 96, generator=g)
+    torch.testing.assert_close(cpu_ops.linear(x, w, packed), torch.nn.functional.linear(x, w))
+    assert calls["n"] == 4, "larger passes take MKL's GEMM"
+    monkeypatch.setattr(cpu_sgemm, "enabled", False)
+    assert not isinstance(cpu_ops.prepack_linear_weight(w), cpu_sgemm.PanelWeight), "oneDNN's layout instead"
+
+
+def test_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
+    w = torch.randn(64, 96)
+    try:
+        cpu_sgemm._library.cache_clear()
+        monkeypatch.setenv("NLD_CPU_SGEMM", "0")
+        assert not cpu_sgemm.available() and not cpu_sgemm.packs(w)
+        assert not isinstance(cpu_ops.prepack_linear_weight(w), cpu_sgemm.PanelWeight)
+        monkeypatch.delenv("NLD_CPU_SGEMM")
+        cpu_sgemm._library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        assert not cpu_sgemm.available(), "a failed build is not an error"
+    finally:
+        cpu_sgemm._library.cache_clear()
+
+
+@needs_kernel
+def test_fused_fp32_model_through_the_panels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every projection and the head of a packed fp32 model run on the panels, and the logits
+    stay the unfused model's within fp32 rounding."""
+    model = random_model(tiny_nld_config(), seed=8)
+    packed = copy.deepcopy(model)
+    packed.fuse_projections()
+    packed.prepack_cpu_weights()
+    assert isinstance(packed.packed_head, cpu_sgemm.PanelWeight)
+    calls = count_calls(monkeypatch, cpu_sgemm, "linear")
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(24, 24, dtype=torch.bool).tril()
+    with torch.no_grad():
+        a = model.compute_logits(model(ids, torch.arange(24), DenseAttention(mask)))
+        b = packed.compute_logits(packed(ids, torch.arange(24), DenseAttention(mask)))
+    assert calls["n"] == 4 * len(packed.layers) + 1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
