@@ -29,6 +29,9 @@ perplexities differ by a few per cent). All decoding is greedy (temperature 0),
   engine defaults when absent): TPF, acceptance, agreement, output perplexity, and wall-clock
   output tokens/s at batch 1 (one request at a time) and batch 8, all in one run; with
   ``--data``, the held-out AR perplexity on real text (all 256-token held-out windows).
+  Timing: ``--speed-rounds`` rounds, each running every mode once at batch 1 and 8; the
+  medians are printed with their ratio to AR's (a shared VM drifts by up to 2x within
+  minutes, so only interleaved ratios are worth comparing).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -200,7 +204,8 @@ def heldout_ppl(model_dir: str, data: str, seq_len: int = 256) -> float:
 def compare(args: argparse.Namespace) -> str:
     lines = [f"held-out prompts, greedy, {args.max_tokens} new tokens, {torch.get_num_threads()} CPU thread(s), dtype "
              f"{args.dtype}; each model's "
-             "`nld_decoding` settings (engine defaults where absent); tok/s measured in this one run", ""]
+             "`nld_decoding` settings (engine defaults where absent); tok/s: the median of "
+             f"{args.speed_rounds} rounds in this one run, each timing every mode once (ratio to AR's)", ""]
     if args.data:
         lines += ["| model | held-out AR perplexity (all 256-token windows) |", "|---|---|"]
         lines += [f"| `{m}` | {heldout_ppl(m, args.data):.2f} |" for m in args.models]
@@ -210,25 +215,37 @@ def compare(args: argparse.Namespace) -> str:
     for model_dir in args.models:
         engine = make_engine(model_dir, args.dtype)
         prompts = load_prompts(engine)
-        speed_prompts = prompts[: args.speed_prompts]
         run(engine, prompts[:1], 8, 1, mode="ar")  # warm-up
         settings = nld_decoding(model_dir)
-        ar_out = None
-        for mode in ("ar", "diffusion", "self_spec"):
-            decode = {"mode": mode, **{k: v for k, v in settings.get(mode, {}).items()
-                                       if not (mode == "self_spec" and k == "block_length")}}
-            counted = run(engine, prompts, args.max_tokens, len(prompts), **decode)
-            if mode == "ar":
-                ar_out = counted["outputs"]
-            b1 = run(engine, speed_prompts, args.max_tokens, 1, **decode)
-            b8 = run(engine, speed_prompts, args.max_tokens, 8, **decode)
-            acc = f"{counted['accept_len']:.2f}" if counted["accept_len"] is not None else "-"
+        decodes = {mode: {"mode": mode, **{k: v for k, v in settings.get(mode, {}).items()
+                                           if not (mode == "self_spec" and k == "block_length")}}
+                   for mode in ("ar", "diffusion", "self_spec")}
+        counted = {mode: run(engine, prompts, args.max_tokens, len(prompts), **d) for mode, d in decodes.items()}
+        speeds = timed_rounds(engine, prompts[: args.speed_prompts], args.max_tokens, decodes, args.speed_rounds)
+        for mode, decode in decodes.items():
+            c = counted[mode]
+            acc = f"{c['accept_len']:.2f}" if c["accept_len"] is not None else "-"
             shown = ", ".join(f"{k} {v}" for k, v in decode.items() if k != "mode") or "-"
-            lines.append(f"| `{Path(model_dir).name}` | {mode} | {shown} | {counted['tpf']:.2f} | {acc} | "
-                         f"{agreement(counted['outputs'], ar_out):.3f} | {output_ppl(engine, prompts, counted['outputs']):.2f} | "
-                         f"{b1['tok_s']:.1f} | {b8['tok_s']:.1f} |")
+            lines.append(f"| `{Path(model_dir).name}` | {mode} | {shown} | {c['tpf']:.2f} | {acc} | "
+                         f"{agreement(c['outputs'], counted['ar']['outputs']):.3f} | "
+                         f"{output_ppl(engine, prompts, c['outputs']):.2f} | "
+                         + " | ".join(f"{speeds[mode][b]:.1f} ({speeds[mode][b] / speeds['ar'][b]:.2f}x)" for b in (1, 8))
+                         + " |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def timed_rounds(engine: Any, prompts: list[list[int]], max_tokens: int, decodes: dict[str, dict[str, Any]],
+                 rounds: int) -> dict[str, dict[int, float]]:
+    """Median output tok/s per mode at batch 1 and 8 over ``rounds`` rounds, each round timing
+    every mode once: a slow spell of a shared machine then lands on all modes alike, so their
+    ratios hold even where the absolute numbers drift."""
+    samples: dict[str, dict[int, list[float]]] = {m: {1: [], 8: []} for m in decodes}
+    for _ in range(rounds):
+        for mode, decode in decodes.items():
+            for batch in (1, 8):
+                samples[mode][batch].append(run(engine, prompts, max_tokens, batch, **decode)["tok_s"])
+    return {m: {b: statistics.median(v) for b, v in per.items()} for m, per in samples.items()}
 
 
 def build_prompts(args: argparse.Namespace) -> str:
@@ -270,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--data", default=None, help="data.npz of training.train (held-out perplexity on real text)")
     c.add_argument("--speed-prompts", type=int, default=8, help="prompts timed at batch 1 and batch 8")
+    c.add_argument("--speed-rounds", type=int, default=5, help="timing rounds, modes interleaved; medians reported")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the engine's dtype (auto: the server's default for the device)")
     p = sub.add_parser("prompts")

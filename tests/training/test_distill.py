@@ -208,3 +208,21 @@ def test_sweep_heldout_windows_are_plain_held_out_text(tmp_path: Path) -> None:
         assert 16 <= len(w) <= 48 and min(w) > 6
         starts = [i for i, t in enumerate(held) if t == w[0]]  # each is a run of the stream, special tokens skipped
         assert any([t for t in held[i : i + 2 * len(w)] if t > 6][: len(w)] == w for i in starts)
+
+
+def test_compare_times_modes_interleaved_and_reports_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/decoding_sweep.py compare: every round times each mode at batch 1 and 8 once,
+    in turn (so drift hits all modes), and the median of the rounds is reported."""
+    from benchmarks import decoding_sweep
+
+    calls: list[tuple[str, int]] = []
+
+    def fake_run(engine, prompts, max_tokens, batch, **decode):  # type: ignore[no-untyped-def]
+        calls.append((decode["mode"], batch))
+        return {"tok_s": float(len(calls))}
+
+    monkeypatch.setattr(decoding_sweep, "run", fake_run)
+    decodes = {m: {"mode": m} for m in ("ar", "diffusion")}
+    speeds = decoding_sweep.timed_rounds(None, [[1]], 4, decodes, rounds=3)
+    assert calls == [("ar", 1), ("ar", 8), ("diffusion", 1), ("diffusion", 8)] * 3
+    assert speeds == {"ar": {1: 5.0, 8: 6.0}, "diffusion": {1: 7.0, 8: 8.0}}  # calls 1/5/9, 2/6/10, ...
