@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from kernels import cpu_paged_attention
+from kernels.reference import segment_mask
 
 # Segments of at most this many queries (decode rows) attend in kernels.cpu_paged_attention
 # where it is built. SmolLM2-135M, a batch-16 decode over 249-256 cached tokens (ragged, so
@@ -57,21 +58,20 @@ class SegmentGroup:
     mask: torch.Tensor | None  # [S, 1, G * L, P + L] additive: 0 visible, -inf hidden; None = all visible
 
 
-def _group_mask(ctx_lens: list[int], causal: list[bool], q_len: int, prefix_len: int, group: int,
-                dtype: torch.dtype) -> torch.Tensor | None:
+def _group_mask(ctx_lens: list[int], causal: list[bool], mask_blocks: list[int], q_len: int, prefix_len: int,
+                group: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Visibility of key ``j`` (prefix slots ``0..P-1``, then the segment's ``L`` keys) to
-    query ``i``: a real prefix key (``j < ctx``), or a segment key at or before ``i`` (causal)
-    or anywhere in the segment (bidirectional). Additive (0 or -inf) in ``dtype``: SDPA would
-    convert a bool mask in every layer; this is built once per step."""
+    query ``i``: a real prefix key (``j < ctx``), or a segment key that
+    ``kernels.reference.segment_mask`` shows it (causal, bidirectional, or the quadratic
+    self-speculation mask where ``mask_block > 0``). Additive (0 or -inf) in ``dtype``: SDPA
+    would convert a bool mask in every layer; this is built once per step."""
     padded = any(c != prefix_len for c in ctx_lens)
-    if not padded and not (q_len > 1 and any(causal)):
+    if not padded and not (q_len > 1 and (any(causal) or any(mask_blocks))):
         return None
-    key = torch.arange(prefix_len + q_len)
-    query = torch.arange(q_len)[:, None]
-    ctx = torch.tensor(ctx_lens)[:, None, None]
-    seg = key - prefix_len  # index within the segment; negative in the prefix area
-    is_causal = torch.tensor(causal)[:, None, None]
-    visible = (key < ctx) | ((seg >= 0) & (~is_causal | (seg <= query)))  # [S, L, P + L]
+    kinds = {kind: segment_mask(q_len, *kind, torch.device("cpu")) for kind in set(zip(causal, mask_blocks))}
+    inside = torch.stack([kinds[kind] for kind in zip(causal, mask_blocks)])  # [S, L, L]
+    prefix = torch.arange(prefix_len) < torch.tensor(ctx_lens)[:, None]  # [S, P]
+    visible = torch.cat([prefix[:, None, :].expand(-1, q_len, -1), inside], dim=-1)  # [S, L, P + L]
     hidden = ~visible.repeat(1, group, 1).unsqueeze(1)
     return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
 
@@ -114,7 +114,11 @@ class CpuPagedAttention:
         tables: list[list[int]],
         num_q_heads: int,
         scale: float,
+        mask_blocks: list[int] | None = None,
     ) -> None:
+        """Host lists per sequence (``mask_blocks``: the attention contract's ``mask_block``,
+        all 0 when None) and per token (``slots``; ``-1``: not stored)."""
+        mask_blocks = mask_blocks or [0] * len(context_lens)
         self.k_cache, self.v_cache, self.scale = k_cache, v_cache, scale
         assert k_cache.dim() == 5, "caches are [layers, pages, page_size, Hkv, D]"
         page_size, num_kv_heads = k_cache.shape[2], k_cache.shape[3]
@@ -131,15 +135,18 @@ class CpuPagedAttention:
             n = query_start_loc[s + 1] - query_start_loc[s]
             if n > 0:
                 by_len.setdefault(n, []).append(s)
-        # short segments attend in the C kernel, straight from the pages (no gathered copies)
-        short = [s for n, seqs in by_len.items() if n <= NATIVE_MAX_QUERY_LEN for s in seqs] \
+        # short segments attend in the C kernel, straight from the pages (no gathered copies);
+        # it knows the causal and bidirectional rules only
+        short = [s for n, seqs in by_len.items() if n <= NATIVE_MAX_QUERY_LEN for s in seqs if not mask_blocks[s]] \
             if cpu_paged_attention.takes(k_cache.dtype, page_size) else []
         self.native = None if not short else cpu_paged_attention.SegmentPlan(
             [query_start_loc[s] for s in short], [query_start_loc[s + 1] - query_start_loc[s] for s in short],
             [context_lens[s] for s in short], [causal[s] for s in short], [tables[s] for s in short])
         self.groups: list[SegmentGroup] = []
+        in_kernel = set(short)
         for q_len, seqs in by_len.items():
-            if short and q_len <= NATIVE_MAX_QUERY_LEN:
+            seqs = [s for s in seqs if s not in in_kernel]
+            if not seqs:
                 continue
             whole = len(by_len) == 1 and len(seqs) * q_len == num_tokens
             rows = None if whole else torch.tensor(
@@ -153,7 +160,8 @@ class CpuPagedAttention:
             if prefix_len > 0 or stored:
                 own = [slots[query_start_loc[s] : query_start_loc[s + 1]] for s in seqs] if stored else None
                 prefix_rows = _prefix_rows([tables[s] for s in seqs], ctx, prefix_len, page_size, own)
-            mask = _group_mask(ctx, [causal[s] for s in seqs], q_len, prefix_len, self.group, _math_dtype(k_cache.dtype))
+            mask = _group_mask(ctx, [causal[s] for s in seqs], [mask_blocks[s] for s in seqs], q_len, prefix_len,
+                               self.group, _math_dtype(k_cache.dtype))
             self.groups.append(SegmentGroup(len(seqs), q_len, rows, prefix_rows, prefix_len, stored, mask))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

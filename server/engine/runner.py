@@ -91,10 +91,9 @@ class ModelRunner:
     def forward_eager(self, hb: HostBatch, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
-        # the CPU path plans causal/bidirectional segments only; quadratic-mask batches take the reference
-        if self.cpu_attention and not any(hb.mask_block):
+        if self.cpu_attention:
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
-                                    hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale)
+                                    hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale, hb.mask_block)
             ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
             if (self.compiled is not None and lora_rows is None and image_features is None
                     and self.compiled.runs(len(hb.input_ids))):

@@ -3,10 +3,10 @@
 * ``CpuPagedAttention`` against ``kernels.reference`` (attention output and the cache
   contents it leaves) on ragged batches mixing decode rows, causal chunks and bidirectional
   blocks, partial pages and empty prefixes, through gather + SDPA, through the C kernel, and
-  through both in one batch;
+  through both in one batch; segments with the quadratic self-speculation mask among them;
 * the engine's logits through the fast path (fused projections, the per-step attention
   plan) against the unfused model on the reference attention, over prefill, decode,
-  denoise, draft, verify and lookahead-commit passes, fp32 within 1e-5 of the logits' scale.
+  denoise, draft, verify, lookahead-commit and quadratic self_spec passes, fp32 within 1e-5 of the logits' scale.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from server.engine.cpu_attention import CpuPagedAttention, _prefix_rows
 from server.engine.cpu_threads import configure_cpu_threads, default_cpu_threads
 from server.engine.modes.diffusion import COMMIT_LOOKAHEAD, DENOISE
 from server.engine.modes.self_spec import DRAFT, VERIFY
+from server.engine.modes.self_spec_quadratic import SPEC_CYCLE
 from server.engine.work import DECODE, PREFILL, Work
 from server.engine.batch import HostBatch
 from server.model.loader import load_model
@@ -62,13 +63,14 @@ def _ragged_case(seed: int, dtype: torch.dtype, group: int):
     return (slots, ctx_lens, qsl, causal, tables), (q, k, v, kc, vc)
 
 
-def _reference(host, tensors, scale: float, layer: int):
+def _reference(host, tensors, scale: float, layer: int, mask_blocks: list[int] | None = None):
     slots, ctx_lens, qsl, causal, tables = host
     q, k, v, kc, vc = tensors
     width = max(len(p) for p in tables)
     bt = torch.tensor([p + [0] * (width - len(p)) for p in tables], dtype=torch.int32)
     meta = AttentionMetadata(bt, torch.tensor(ctx_lens, dtype=torch.int32), torch.tensor(qsl, dtype=torch.int32),
-                             torch.tensor(causal))
+                             torch.tensor(causal), max(b - a for a, b in zip(qsl, qsl[1:])),
+                             None if mask_blocks is None else torch.tensor(mask_blocks, dtype=torch.int32))
     out = paged_attention_reference(q, k, v, kc[layer], vc[layer], meta, scale)
     store_kv_reference(k, v, kc[layer], vc[layer], torch.tensor(slots))
     return out
@@ -100,6 +102,46 @@ def test_cpu_attention_matches_reference_fp32(seed: int, group: int, attention_p
         expected = _reference(host, (q, k, v, ref_kc, ref_vc), 0.35, layer)
         got = ctx.attend(layer, q, k, v)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_quadratic_segments_match_reference(dtype: torch.dtype, attention_path: str) -> None:
+    """Segments with the quadratic self-speculation mask (``mask_block`` W > 0: sub-blocks of
+    W rows, head rows stored, mask rows not), next to a decode row, a causal chunk and a
+    bidirectional block; with and without a cached prefix. They never take the C kernel."""
+    g = torch.Generator().manual_seed(11)
+    layers, num_pages, page_size, hkv, d, group = 2, 24, 4, 2, 8, 3
+    kc = torch.randn(layers, num_pages, page_size, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(layers, num_pages, page_size, hkv, d, generator=g).to(dtype)
+    # (context, query length, causal, mask_block)
+    specs = [(5, 6, True, 2), (0, 8, False, 4), (9, 1, True, 0), (3, 3, True, 0), (6, 5, False, 0), (2, 6, True, 3)]
+    slots, ctx_lens, qsl, causal, tables, mask_blocks = [], [], [0], [], [], []
+    free = list(range(num_pages))
+    for ctx, n, is_causal, w in specs:
+        pages = [free.pop() for _ in range(-(-(ctx + n) // page_size))]
+        tables.append(pages)
+        for i in range(n):  # quadratic: each sub-block's head row is stored (its position: ctx + sub-block)
+            stored = (i % w == 0) if w else is_causal
+            p = ctx + (i // w if w else i)
+            slots.append(pages[p // page_size] * page_size + p % page_size if stored else -1)
+        ctx_lens.append(ctx)
+        qsl.append(qsl[-1] + n)
+        causal.append(is_causal)
+        mask_blocks.append(w)
+    host = (slots, ctx_lens, qsl, causal, tables)
+    t = qsl[-1]
+    q = torch.randn(t, hkv * group, d, generator=g).to(dtype)
+    k, v = torch.randn(t, hkv, d, generator=g).to(dtype), torch.randn(t, hkv, d, generator=g).to(dtype)
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ctx = CpuPagedAttention(kc, vc, *host, num_q_heads=q.shape[1], scale=0.35, mask_blocks=mask_blocks)
+    if ctx.native is not None:
+        assert not any(mask_blocks[s] for s in range(len(specs)) if qsl[s] in ctx.native.q_start.tolist())
+    for layer in range(2):
+        expected = _reference(host, (q, k, v, ref_kc, ref_vc), 0.35, layer, mask_blocks)
+        got = ctx.attend(layer, q, k, v)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
     assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
 
 
@@ -158,6 +200,11 @@ def _drive(engine, reference: bool, seed: int) -> list[torch.Tensor]:
     # next to a decode row
     run([Work(COMMIT_LOOKAHEAD, [9, 10, 11] + [mask] * 4, [2, 3, 4, 5, 6], kv_rows=[0, 1, 2], block_start=3),
          Work(DECODE, [8], [0])])
+    # a quadratic self_spec cycle (three sub-blocks of a head and two masks) next to a decode row
+    run([Work(SPEC_CYCLE, [12, mask, mask, 13, mask, mask, 14, mask, mask], [0, 1, 2, 3, 6], lora=True,
+              lora_rows=[1, 2, 4, 5, 7, 8], position_offsets=[0, 1, 2, 1, 2, 3, 2, 3, 4], kv_rows=[0, 3, 6],
+              sub_block=3),
+         Work(DECODE, [6], [0])])
     return logits
 
 
