@@ -79,7 +79,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = 
     given, for at most ``PACKED_MAX_ROWS`` rows."""
     rows = x.numel() // max(x.shape[-1], 1)
     if isinstance(packed, cpu_sgemm.PanelWeight):
-        return cpu_sgemm.linear(x, packed) if rows <= cpu_sgemm.MAX_ROWS else F.linear(x, weight)
+        # the kernel has no backward and cannot be traced
+        if (rows <= cpu_sgemm.MAX_ROWS and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            return cpu_sgemm.linear(x, packed)
+        return F.linear(x, weight)
     if not torch.compiler.is_compiling() and cpu_gemv.applies(x, weight):
         return cpu_gemv.linear(x, weight)
     if packed is None or rows > PACKED_MAX_ROWS or (rows == 1 and weight.dtype == torch.float32):

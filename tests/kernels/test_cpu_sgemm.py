@@ -124,6 +124,9 @@ def test_cpu_ops_routes_fp32_passes_through_the_panels(monkeypatch: pytest.Monke
     x = torch.randn(cpu_sgemm.MAX_ROWS + 1, 96, generator=g)
     torch.testing.assert_close(cpu_ops.linear(x, w, packed), torch.nn.functional.linear(x, w))
     assert calls["n"] == 4, "larger passes take MKL's GEMM"
+    xg = torch.randn(3, 96, generator=g, requires_grad=True)
+    cpu_ops.linear(xg, w, packed).sum().backward()
+    assert calls["n"] == 4 and xg.grad is not None, "autograd takes the GEMM (the kernel has no backward)"
     monkeypatch.setattr(cpu_sgemm, "enabled", False)
     assert not isinstance(cpu_ops.prepack_linear_weight(w), cpu_sgemm.PanelWeight), "oneDNN's layout instead"
 
