@@ -4,7 +4,8 @@ count on this device (measured online), the load of the batch, and per-request a
 ``PassTimeModel.time(n)`` interpolates (piecewise linear in n) an exponentially weighted
 average kept per power-of-two bucket of the pass's token count; buckets never measured fall
 back to a prior line ``a + b * n`` fitted from the measured ones (or the default prior).
-The engine calls ``observe`` after every pass and ``set_load`` before scheduling.
+The engine calls ``observe`` after every step (its whole duration: scheduling, the pass,
+sampling and bookkeeping) and ``set_load`` before scheduling.
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ class CostModel:
 
     pass_time: PassTimeModel = field(default_factory=PassTimeModel)
     acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
+    explore_every: int = 32  # one AR choice in this many becomes a linear self_spec cycle (0: never)
+    ar_choices: int = 0
+
+    def explore_now(self) -> bool:
+        """Count a decision for AR; True on every ``explore_every``-th, when ``mode: "auto"``
+        runs a linear self_spec cycle instead. Without it an estimate that ranks AR first
+        (the prior's, or one left by a few unlucky cycles) would never be corrected, since
+        acceptance is only observed on cycles that run; the cost is bounded by the share."""
+        self.ar_choices += 1
+        return self.explore_every > 0 and self.ar_choices % self.explore_every == 0
 
     def global_acceptance(self, variant: str) -> AcceptanceEstimate:
         return self.acceptance.setdefault(variant, AcceptanceEstimate())

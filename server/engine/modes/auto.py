@@ -13,7 +13,12 @@ bonus from the request's observed acceptance (prior: every request's), ``T`` the
 pass time (``server.engine.cost_model``), ``base`` the tokens the rest of the batch put into
 the last pass and ``others`` the tokens per step the rest of the batch emits (one each).
 Idle, J is the request's own tokens per second; under load, ``others`` dominates and a long
-pass only slows every request down. Every candidate is lossless, so at temperature 0 the
+pass only slows every request down. ``T`` is the measured time of a whole engine step, so
+that per-step costs outside the forward pass count against plans that take more steps.
+Acceptance is only observed on cycles that run, so one AR choice in
+``CostModel.explore_every`` runs the best linear plan instead (a linear cycle always
+verifies drafts; a quadratic one right after a switch has none yet). A request's estimate
+starts from the engine-wide one, weighted by its evidence up to ``REQUEST_PRIOR_CAP``. Every candidate is lossless, so at temperature 0 the
 output is AR greedy whatever is picked; at temperature > 0 it is distributed as AR sampling.
 """
 
@@ -37,6 +42,9 @@ from server.engine.sampler import RowResult, RowSpec
 from server.engine.work import DECODE, PREFILL, Work
 
 DRAFT_LENGTHS = (3, 7, 15)  # blocks 4, 8, 16
+# most pseudo-observations a request's acceptance prior takes from the engine-wide estimate:
+# enough that a few unlucky cycles do not undo what every earlier request showed
+REQUEST_PRIOR_CAP = 16.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,9 @@ class AutoMode(DecodeMode):
             acceptance = {v: self._acceptance(req, st, v) for v in ("linear", "quadratic")}
             fitting = tuple(pl for pl in p.plans if pl.pass_tokens <= budget) or (AR_PLAN,)
             plan = choose(fitting, p.cost, acceptance, st.plan.pass_tokens)
+            linear = tuple(pl for pl in fitting if pl.variant == "linear")
+            if plan.variant is None and linear and p.cost.explore_now():
+                plan = choose(linear, p.cost, acceptance, st.plan.pass_tokens)
             if plan.variant != "quadratic" or st.plan.variant != "quadratic":
                 st.drafts, st.draft_probs = None, None  # drafts carry over only between quadratic cycles
             st.plan = plan
@@ -174,7 +185,8 @@ class AutoMode(DecodeMode):
         own = st.acceptance.get(variant)
         if own is None:
             prior = self._params(req).cost.global_acceptance(variant)
-            own = st.acceptance[variant] = AcceptanceEstimate(prior_rate=prior.rate)
+            weight = min(REQUEST_PRIOR_CAP, prior.prior + prior.accepted + prior.rejected)
+            own = st.acceptance[variant] = AcceptanceEstimate(prior_rate=prior.rate, prior=weight)
         return own
 
     def pass_label(self, req: Request, work: Work) -> str:
