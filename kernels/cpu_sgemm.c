@@ -3,9 +3,9 @@
  * A diffusion block with its lookahead (8 rows), a verify or draft pass of self-speculation
  * (16 rows) or a batched decode step (5-32 rows) still reads each weight once per pass, so the
  * arithmetic should cost little more than a one-row step. oneDNN's packed fp32 GEMM is built
- * for larger tiles: at 8 rows it runs at about half the speed of its 16-row pass on this
- * model's projections. Here the weight is repacked once (nld_sgemm_pack_f32) into panels of
- * 16 output columns stored k-major,
+ * for larger tiles: on the embedded model's projections an 8-row pass takes about as long as
+ * a 16-row one. Here the weight is repacked once (``pack`` in kernels/cpu_sgemm.py) into
+ * panels of 16 output columns stored k-major,
  *
  *   packed[p][k][c] = w[16 p + c][k]
  *

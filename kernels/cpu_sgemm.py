@@ -23,7 +23,7 @@ from kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("cpu_sgemm.c")
 PANEL = 16  # output columns per panel; the kernel walks two panels at a time
-# Above this many rows MKL's GEMM catches up (1.0x at 128 rows, 0.8x at 256: this model's
+# Above this many rows MKL's GEMM catches up (1.0x at 128 rows, 0.8x at 256: the embedded model's
 # projections on an AVX-512 Xeon, one and two threads).
 MAX_ROWS = 64
 # False: fp32 weights are packed for oneDNN instead (tests, benchmarks); packed ones still run here
