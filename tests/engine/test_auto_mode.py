@@ -132,6 +132,22 @@ def test_auto_learns_the_embedded_models_acceptance(explore: bool) -> None:
         assert linear.accepted + linear.rejected == 0 and "self_spec_linear" not in last, (linear, last)
 
 
+def test_own_prefill_is_not_counted_as_load() -> None:
+    """Right after its own prefill, a request alone is idle: its prompt's tokens were its own
+    pass, not the batch's load. Compute-bound device, acceptance known to be high (0.9): alone,
+    AR wins (1 / T(1) > E(3) / T(20)), so a 24-token prompt must not tilt the first choice to
+    self_spec as if 23 other tokens shared every pass."""
+    model = _with_lora(3)
+    prompt = (_prompts(3, 1)[0] * 24)[:24]
+    eng = make_engine(model)
+    eng.cost_model.pass_time = LinearTime(fixed=1.0, per_token=1.0)
+    eng.cost_model.explore_every = 0
+    for variant in ("linear", "quadratic"):
+        eng.cost_model.acceptance[variant] = AcceptanceEstimate(prior_rate=0.9, prior=1e9)
+    out = eng.generate([prompt], AUTO)[0]
+    assert set(out["stats"].passes_by_decoder) == {"ar"}, out["stats"].passes_by_decoder
+
+
 def _prompts(seed: int, n: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(n)]

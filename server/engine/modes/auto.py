@@ -87,6 +87,7 @@ class AutoParams(ModeParams):
 class AutoState(SpecState):
     plan: Plan = AR_PLAN
     mid_cycle: bool = False  # a linear draft ran; its verify must follow
+    last_pass_tokens: int = 0  # this request's share of the last pass (its prefill, a cycle...)
     acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
 
 
@@ -170,10 +171,11 @@ class AutoMode(DecodeMode):
         if not st.mid_cycle:
             acceptance = {v: self._acceptance(req, st, v) for v in ("linear", "quadratic")}
             fitting = tuple(pl for pl in p.plans if pl.pass_tokens <= budget) or (AR_PLAN,)
-            plan = choose(fitting, p.cost, acceptance, st.plan.pass_tokens)
+            own = st.last_pass_tokens or st.plan.pass_tokens
+            plan = choose(fitting, p.cost, acceptance, own)
             linear = tuple(pl for pl in fitting if pl.variant == "linear")
             if plan.variant is None and linear and p.cost.explore_now():
-                plan = choose(linear, p.cost, acceptance, st.plan.pass_tokens)
+                plan = choose(linear, p.cost, acceptance, own)
             if plan.variant != "quadratic" or st.plan.variant != "quadratic":
                 st.drafts, st.draft_probs = None, None  # drafts carry over only between quadratic cycles
             st.plan = plan
@@ -202,6 +204,7 @@ class AutoMode(DecodeMode):
         st = self._state(req)
         self._inner(work).apply(req, work, results, logits)
         st.mid_cycle = work.kind is DRAFT
+        st.last_pass_tokens = len(work)
         if work.kind in (VERIFY, SPEC_CYCLE) and st.plan.variant is not None:
             drafts = len(work.written_rows()) - 1
             accepted = req.stats.acceptance_lengths[-1] - 1
