@@ -24,6 +24,7 @@ class PassTimeModel:
     buckets: dict[int, float] = field(default_factory=dict)  # bucket's token count -> seconds
     load_tokens: int = 0  # tokens of the last scheduled batch
     load_requests: int = 0  # requests in it
+    emitted_per_request: float = 1.0  # average (EWMA) of the tokens a request emitted per step
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -38,8 +39,13 @@ class PassTimeModel:
         old = self.buckets.get(b)
         self.buckets[b] = est if old is None else (1 - self.decay) * old + self.decay * est
 
-    def set_load(self, num_tokens: int, num_requests: int) -> None:
+    def set_load(self, num_tokens: int, num_requests: int, emitted: int | None = None) -> None:
+        """The last step's batch: its tokens, its requests and (when given) the tokens they
+        emitted, folded into ``emitted_per_request``."""
         self.load_tokens, self.load_requests = num_tokens, num_requests
+        if emitted is not None and num_requests > 0:
+            rate = emitted / num_requests
+            self.emitted_per_request = (1 - self.decay) * self.emitted_per_request + self.decay * rate
 
     def _slope(self) -> float:
         pts = sorted(self.buckets.items())
@@ -95,16 +101,5 @@ class CostModel:
 
     pass_time: PassTimeModel = field(default_factory=PassTimeModel)
     acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
-    explore_every: int = 32  # one AR choice in this many becomes a linear self_spec cycle (0: never)
-    ar_choices: int = 0
-
-    def explore_now(self) -> bool:
-        """Count a decision for AR; True on every ``explore_every``-th, when ``mode: "auto"``
-        runs a linear self_spec cycle instead. Without it an estimate that ranks AR first
-        (the prior's, or one left by a few unlucky cycles) would never be corrected, since
-        acceptance is only observed on cycles that run; the cost is bounded by the share."""
-        self.ar_choices += 1
-        return self.explore_every > 0 and self.ar_choices % self.explore_every == 0
-
     def global_acceptance(self, variant: str) -> AcceptanceEstimate:
         return self.acceptance.setdefault(variant, AcceptanceEstimate())

@@ -277,6 +277,7 @@ class LLMEngine:
             self.metrics.on_prefix_cache(queried - self._prefix_seen[0], hit - self._prefix_seen[1])
             self._prefix_seen = (queried, hit)
         outputs: list[RequestOutput] = []
+        before = sum(len(req.token_ids) for req, _ in batch)
         if batch:
             logits = self.runner.run(batch)
             specs, owners = [], []
@@ -317,7 +318,8 @@ class LLMEngine:
         self.num_steps += 1
         if batch:  # the whole step, scheduling and bookkeeping included: what a step costs mode=auto
             self.cost_model.pass_time.observe(num_tokens, time.perf_counter() - t_step)
-        self.cost_model.pass_time.set_load(num_tokens, len(batch))  # what the next step's choices see
+        emitted = max(0, sum(len(req.token_ids) for req, _ in batch) - before)
+        self.cost_model.pass_time.set_load(num_tokens, len(batch), emitted)  # what the next step's choices see
         self.last_step_duration = time.time() - t0
         self._report_vision()
         self._report_gauges()

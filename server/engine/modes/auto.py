@@ -11,14 +11,17 @@ E(d) / 2, two passes per cycle; quadratic: E(d)), ``n_p`` the tokens it adds to 
 (ar: 1; linear: d + 1; quadratic: (d + 1)(d + 2)), E(d) the expected accepted prefix plus
 bonus from the request's observed acceptance (prior: every request's), ``T`` the measured
 pass time (``server.engine.cost_model``), ``base`` the tokens the rest of the batch put into
-the last pass and ``others`` the tokens per step the rest of the batch emits (one each).
+the last pass and ``others`` the tokens per step the rest of the batch emits (the measured
+average per request, times the other requests). Counting others at what they really emit
+matters when they speculate too: their tokens are then worth more, and the extra tokens of
+this request's plan slow them down; scored at one each, every request of a busy batch on a
+compute-bound device would keep drafting, each choice right for itself and the batch slower
+than under AR.
 Idle, J is the request's own tokens per second; under load, ``others`` dominates and a long
 pass only slows every request down. ``T`` is the measured time of a whole engine step, so
 that per-step costs outside the forward pass count against plans that take more steps.
-Acceptance is only observed on cycles that run, so one AR choice in
-``CostModel.explore_every`` runs the best linear plan instead (a linear cycle always
-verifies drafts; a quadratic one right after a switch has none yet). A request's estimate
-starts from the engine-wide one, weighted by its evidence up to ``REQUEST_PRIOR_CAP``. Every candidate is lossless, so at temperature 0 the
+Acceptance is only observed on cycles that run: where the prior ranks AR first (a
+compute-bound CPU), auto stays on AR and never learns a better rate. Every candidate is lossless, so at temperature 0 the
 output is AR greedy whatever is picked; at temperature > 0 it is distributed as AR sampling.
 """
 
@@ -42,9 +45,6 @@ from server.engine.sampler import RowResult, RowSpec
 from server.engine.work import DECODE, PREFILL, Work
 
 DRAFT_LENGTHS = (3, 7, 15)  # blocks 4, 8, 16
-# most pseudo-observations a request's acceptance prior takes from the engine-wide estimate:
-# enough that a few unlucky cycles do not undo what every earlier request showed
-REQUEST_PRIOR_CAP = 16.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def choose(plans: tuple[Plan, ...], cost: CostModel, acceptance: dict[str, Accep
     """The plan with the highest J (see the module docstring); ties go to the earlier plan."""
     load = cost.pass_time
     base = max(0, load.load_tokens - own_tokens)
-    others = max(0, load.load_requests - 1)
+    others = max(0, load.load_requests - 1) * load.emitted_per_request
     best, best_score = plans[0], -1.0
     for plan in plans:
         acc = acceptance.get(plan.variant or "", AcceptanceEstimate())
@@ -171,11 +171,7 @@ class AutoMode(DecodeMode):
         if not st.mid_cycle:
             acceptance = {v: self._acceptance(req, st, v) for v in ("linear", "quadratic")}
             fitting = tuple(pl for pl in p.plans if pl.pass_tokens <= budget) or (AR_PLAN,)
-            own = st.last_pass_tokens or st.plan.pass_tokens
-            plan = choose(fitting, p.cost, acceptance, own)
-            linear = tuple(pl for pl in fitting if pl.variant == "linear")
-            if plan.variant is None and linear and p.cost.explore_now():
-                plan = choose(linear, p.cost, acceptance, own)
+            plan = choose(fitting, p.cost, acceptance, st.last_pass_tokens or st.plan.pass_tokens)
             if plan.variant != "quadratic" or st.plan.variant != "quadratic":
                 st.drafts, st.draft_probs = None, None  # drafts carry over only between quadratic cycles
             st.plan = plan
@@ -187,8 +183,7 @@ class AutoMode(DecodeMode):
         own = st.acceptance.get(variant)
         if own is None:
             prior = self._params(req).cost.global_acceptance(variant)
-            weight = min(REQUEST_PRIOR_CAP, prior.prior + prior.accepted + prior.rejected)
-            own = st.acceptance[variant] = AcceptanceEstimate(prior_rate=prior.rate, prior=weight)
+            own = st.acceptance[variant] = AcceptanceEstimate(prior_rate=prior.rate)
         return own
 
     def pass_label(self, req: Request, work: Work) -> str:
