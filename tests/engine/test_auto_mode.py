@@ -106,6 +106,15 @@ def test_others_count_at_what_they_emit() -> None:
     assert choose(plans, cost(8, 1.0), acc, 1) == AR_PLAN
 
 
+def test_a_stale_slow_bucket_is_capped_by_larger_ones() -> None:
+    t = PassTimeModel()
+    for n, seconds in ((1, 0.005), (16, 0.043), (32, 0.014), (64, 0.020)):
+        t.observe(n, seconds)
+    assert t.time(16) == pytest.approx(0.014) and t.time(32) == pytest.approx(0.014)
+    assert t.time(1) == pytest.approx(0.005) and t.time(64) == pytest.approx(0.020)
+    assert all(t.time(n) <= t.time(n + 1) + 1e-12 for n in range(1, 128))
+
+
 def test_emitted_per_request_is_a_running_average() -> None:
     t = PassTimeModel()
     assert t.emitted_per_request == 1.0
