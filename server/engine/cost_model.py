@@ -106,5 +106,6 @@ class CostModel:
 
     pass_time: PassTimeModel = field(default_factory=PassTimeModel)
     acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
+
     def global_acceptance(self, variant: str) -> AcceptanceEstimate:
         return self.acceptance.setdefault(variant, AcceptanceEstimate())

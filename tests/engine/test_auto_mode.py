@@ -6,6 +6,7 @@ puts it)."""
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -123,6 +124,23 @@ def test_emitted_per_request_is_a_running_average() -> None:
     assert t.emitted_per_request == pytest.approx(2.0, rel=1e-4)
     t.set_load(8, 8)  # no count given: unchanged
     assert t.emitted_per_request == pytest.approx(2.0, rel=1e-4)
+
+
+def test_pass_time_covers_the_whole_step() -> None:
+    """What the engine observes is a step's whole duration, scheduling included (a slow
+    scheduler is made slower still here), not only the forward pass and sampling."""
+    eng = make_engine(_with_lora(3))
+    seen: list[tuple[int, float]] = []
+    eng.cost_model.pass_time.observe = lambda n, seconds: seen.append((n, seconds))  # type: ignore[method-assign]
+    schedule = eng.scheduler.schedule
+
+    def slow_schedule():  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        return schedule()
+
+    eng.scheduler.schedule = slow_schedule  # type: ignore[method-assign]
+    eng.generate(_prompts(2, 1), to_params(dict(mode="ar", max_tokens=3, ignore_eos=True)))
+    assert len(seen) == 3 and all(seconds >= 0.05 for _, seconds in seen), seen
 
 
 def test_pass_time_model_interpolates_measurements() -> None:

@@ -14,7 +14,7 @@ import torch
 from kernels import cpu_amx, cpu_ops
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
-from tests.fixtures.c_kernels import bf16_ulp
+from tests.fixtures.c_kernels import assert_packing_falls_back, bf16_ulp
 from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
@@ -105,19 +105,7 @@ def test_cpu_ops_routes_packed_passes_through_the_tiles(monkeypatch: pytest.Monk
 
 
 def test_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
-    w = torch.randn(64, 96).bfloat16()
-    try:
-        cpu_amx._library.cache_clear()
-        monkeypatch.setenv("NLD_CPU_AMX", "0")
-        assert not cpu_amx.available() and not cpu_amx.packs(w)
-        assert not isinstance(cpu_ops.prepack_linear_weight(w), cpu_amx.AmxWeight)
-        monkeypatch.delenv("NLD_CPU_AMX")
-        cpu_amx._library.cache_clear()
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        assert not cpu_amx.available(), "a failed build is not an error"
-    finally:
-        cpu_amx._library.cache_clear()
+    assert_packing_falls_back(cpu_amx, "NLD_CPU_AMX", torch.randn(64, 96).bfloat16(), cpu_amx.AmxWeight, tmp_path, monkeypatch)
 
 
 @needs_amx

@@ -15,7 +15,7 @@ import torch
 from kernels import cpu_ops, cpu_sgemm
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
-from tests.fixtures.c_kernels import build_for_isa
+from tests.fixtures.c_kernels import assert_packing_falls_back, build_for_isa
 from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
@@ -132,19 +132,7 @@ def test_cpu_ops_routes_fp32_passes_through_the_panels(monkeypatch: pytest.Monke
 
 
 def test_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
-    w = torch.randn(64, 96)
-    try:
-        cpu_sgemm._library.cache_clear()
-        monkeypatch.setenv("NLD_CPU_SGEMM", "0")
-        assert not cpu_sgemm.available() and not cpu_sgemm.packs(w)
-        assert not isinstance(cpu_ops.prepack_linear_weight(w), cpu_sgemm.PanelWeight)
-        monkeypatch.delenv("NLD_CPU_SGEMM")
-        cpu_sgemm._library.cache_clear()
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        assert not cpu_sgemm.available(), "a failed build is not an error"
-    finally:
-        cpu_sgemm._library.cache_clear()
+    assert_packing_falls_back(cpu_sgemm, "NLD_CPU_SGEMM", torch.randn(64, 96), cpu_sgemm.PanelWeight, tmp_path, monkeypatch)
 
 
 @needs_kernel

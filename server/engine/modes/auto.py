@@ -20,9 +20,10 @@ than under AR.
 Idle, J is the request's own tokens per second; under load, ``others`` dominates and a long
 pass only slows every request down. ``T`` is the measured time of a whole engine step, so
 that per-step costs outside the forward pass count against plans that take more steps.
-Acceptance is only observed on cycles that run: where the prior ranks AR first (a
-compute-bound CPU), auto stays on AR and never learns a better rate. Every candidate is lossless, so at temperature 0 the
-output is AR greedy whatever is picked; at temperature > 0 it is distributed as AR sampling.
+Acceptance is only observed on cycles that run: where the prior ranks AR first for a request
+alone (a compute-bound CPU), an engine serving one request at a time stays on AR. Every
+candidate is lossless, so at temperature 0 the output is AR greedy whatever is picked; at
+temperature > 0 it is distributed as AR sampling.
 """
 
 from __future__ import annotations
