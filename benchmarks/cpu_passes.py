@@ -43,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed"], default=None,
+    p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed", "decoder", "bf16w"],
+                   default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
                         "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
                         "bf16 projections of 5+ rows, against oneDNN's packed GEMM; kernels.cpu_sgemm: fp32 "
                         "projections on panels, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
-                        "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none) and print both")
+                        "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none; decoder: the "
+                        "whole-pass C path, kernels.cpu_decoder, against the eager fused path, at any pass size; bf16w: "
+                        "bf16 panels of a bf16 checkpoint's fp32 weights against fp32 panels) "
+                        "and print both")
     args = p.parse_args(argv)
 
     from server.config import EngineConfig
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 def _pack_switch(model, other: str):  # type: ignore[no-untyped-def]
     """A function that puts the model's packed weights (True) or the ``other`` set (False) in
     place: ``amx``/``sgemm``: oneDNN-packed copies instead of AMX tiles / fp32 panels;
-    ``packed``: none (plain GEMMs). Both sets are made up front."""
+    ``bf16w``: fp32 panels instead of bf16 ones; ``packed``: none (plain GEMMs). Both sets are
+    made up front."""
     from kernels import cpu_amx, cpu_sgemm
 
     def packs() -> list:
@@ -134,6 +139,11 @@ def _pack_switch(model, other: str):  # type: ignore[no-untyped-def]
         kernel.enabled = False
         model.prepack_cpu_weights()
         kernel.enabled = True
+        alternative = packs()
+    elif other == "bf16w":
+        cpu_sgemm.bf16_panels = False
+        model.prepack_cpu_weights()
+        cpu_sgemm.bf16_panels = True
         alternative = packs()
     else:
         alternative = [(None, None)] * len(model.layers) + [None]
@@ -152,9 +162,29 @@ def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def
     The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
     from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention, cpu_sgemm
 
-    if args.ab in ("amx", "sgemm", "packed"):
+    if args.ab in ("amx", "sgemm", "packed", "bf16w"):
+        from server.engine.cpu_decoder_pass import CpuDecoderPass
+
         print(f"kernels.cpu_amx available: {cpu_amx.available()}, kernels.cpu_sgemm: {cpu_sgemm.available()}")
-        use = _pack_switch(engine.model, args.ab)
+        use_packs = _pack_switch(engine.model, args.ab)
+        # the whole-pass path binds the packed weights it was made with: one per set
+        whole_pass = {}
+        for on in (True, False):
+            use_packs(on)
+            whole_pass[on] = None if engine.runner.cpu_pass is None else CpuDecoderPass.for_model(
+                engine.model, engine.runner.kv)
+
+        def use(on: bool) -> None:
+            use_packs(on)
+            engine.runner.cpu_pass = whole_pass[on]
+    elif args.ab == "decoder":
+        from server.engine import cpu_decoder_pass
+
+        whole_pass = engine.runner.cpu_pass
+        print(f"whole-pass path: {whole_pass is not None} (timed here above its MAX_ROWS "
+              f"{cpu_decoder_pass.MAX_ROWS} too)")
+        cpu_decoder_pass.MAX_ROWS = 1 << 30
+        use = lambda on: setattr(engine.runner, "cpu_pass", whole_pass if on else None)  # noqa: E731
     else:
         kernel = {"gemv": cpu_gemv, "attention": cpu_paged_attention, "elementwise": cpu_elementwise}[args.ab]
         print(f"{kernel.__name__} available: {kernel.available()}")

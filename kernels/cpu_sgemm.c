@@ -18,6 +18,11 @@
  * does not depend on M or on the row's place in the batch (rows are independent), only on x's
  * row and w. Needs AVX-512F (MR 12) or AVX2 with FMA (MR 2); built elsewhere, the library
  * reports 0 from nld_sgemm_available and the callers keep oneDNN.
+ *
+ * Panels may hold bf16 instead of fp32 (nld_sgemm_bf16w) where every weight is a bf16 value,
+ * as when a bf16 checkpoint is served in fp32: each weight is widened exactly (a 16-bit shift)
+ * before its FMA, so the results are the fp32 panels' bit for bit, from half the bytes. A
+ * one-row pass is bound by those bytes.
  */
 #include <stdint.h>
 
@@ -52,22 +57,36 @@ typedef __m256 vf;
 
 int nld_sgemm_available(void) { return 1; }
 
-/* rows [m0, m0 + R) of x against panels p and p + 1 (columns 16 p .. 16 p + 31). */
-static inline __attribute__((always_inline)) void tile(const float* x, const float* panels, float* y, int64_t m0,
-                                                        int R, int64_t p, int64_t N, int64_t K) {
-    const float* w0 = panels + p * K * 16;
-    const float* w1 = w0 + K * 16;
+/* 16 (AVX-512) or 8 (AVX2) weights from panel element i: fp32, or bf16 widened exactly */
+static inline __attribute__((always_inline)) vf load_weights(const void* panels, int64_t i, int bf16) {
+    if (!bf16) return VLOAD((const float*)panels + i);
+    const uint16_t* w = (const uint16_t*)panels + i;
+#if defined(__AVX512F__)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)w)), 16));
+#else
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)w)), 16));
+#endif
+}
+
+/* rows [m0, m0 + R) of x against panels p and p + 1 (columns 16 p .. 16 p + 31); the panels
+ * hold fp32 or (bf16) bfloat16 weights, widened to the same fp32 values before the FMAs. */
+static inline __attribute__((always_inline)) void tile(const float* x, const void* panels, float* y, int64_t m0,
+                                                        int R, int64_t p, int64_t N, int64_t K, int bf16) {
+    const int64_t esize = bf16 ? 2 : 4, w0 = p * K * 16, w1 = w0 + K * 16;
+    /* the same prefetch distance in bytes for either element size */
+    const int64_t ahead = (bf16 ? 2 : 1) * PF_LINES * 16;
+    const char* base = (const char*)panels;
     const float* xr = x + m0 * K;
     vf acc[MR][NV];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = VZERO();
     for (int64_t k = 0; k < K; k++) {
-        _mm_prefetch((const char*)(w0 + (k + PF_LINES) * 16), _MM_HINT_T0);
-        _mm_prefetch((const char*)(w1 + (k + PF_LINES) * 16), _MM_HINT_T0);
+        _mm_prefetch(base + (w0 + k * 16 + ahead) * esize, _MM_HINT_T0);
+        _mm_prefetch(base + (w1 + k * 16 + ahead) * esize, _MM_HINT_T0);
         vf wv[NV];
         for (int v = 0; v < VPP; v++) {
-            wv[v] = VLOAD(w0 + k * 16 + v * VW);
-            wv[VPP + v] = VLOAD(w1 + k * 16 + v * VW);
+            wv[v] = load_weights(panels, w0 + k * 16 + v * VW, bf16);
+            wv[VPP + v] = load_weights(panels, w1 + k * 16 + v * VW, bf16);
         }
         for (int r = 0; r < R; r++) {
             const vf b = VBCAST(xr + r * K + k);
@@ -79,11 +98,11 @@ static inline __attribute__((always_inline)) void tile(const float* x, const flo
 }
 
 /* R is a constant in each case, so the loops above unroll and the accumulators stay in registers. */
-static void tile_rows(const float* x, const float* panels, float* y, int64_t m0, int R, int64_t p, int64_t N,
-                      int64_t K) {
+static inline __attribute__((always_inline)) void tile_rows(const float* x, const void* panels, float* y, int64_t m0,
+                                                             int R, int64_t p, int64_t N, int64_t K, int bf16) {
     switch (R) {
 #define CASE(n) \
-    case n: tile(x, panels, y, m0, n, p, N, K); break;
+    case n: tile(x, panels, y, m0, n, p, N, K, bf16); break;
         CASE(1) CASE(2)
 #if MR > 2
         CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
@@ -96,19 +115,34 @@ static void tile_rows(const float* x, const float* panels, float* y, int64_t m0,
 /* x [M, K], y [M, N] row-major and contiguous; packed as above. Work items: pairs of panels;
  * rows are cut into even chunks of at most MR, which a thread runs one after the other over
  * its panels. */
-void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+static void sgemm(const float* x, const void* packed, float* y, int64_t M, int64_t N, int64_t K, int threads,
+                  int bf16) {
     const int64_t chunks = (M + MR - 1) / MR, pairs = N / 32;
     if (M == 0) return;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t pair = 0; pair < pairs; pair++)
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t m0 = c * M / chunks, m1 = (c + 1) * M / chunks;
-            tile_rows(x, packed, y, m0, (int)(m1 - m0), 2 * pair, N, K);
+            if (bf16) tile_rows(x, packed, y, m0, (int)(m1 - m0), 2 * pair, N, K, 1);
+            else tile_rows(x, packed, y, m0, (int)(m1 - m0), 2 * pair, N, K, 0);
         }
+}
+
+void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    sgemm(x, packed, y, M, N, K, threads, 0);
+}
+
+/* the same with bf16 panels (weights that are bf16 values, e.g. a bf16 checkpoint served in
+ * fp32): half the bytes streamed, the same products and sums */
+void nld_sgemm_bf16w(const float* x, const uint16_t* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    sgemm(x, packed, y, M, N, K, threads, 1);
 }
 #else
 int nld_sgemm_available(void) { return 0; }
 void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    (void)x, (void)packed, (void)y, (void)M, (void)N, (void)K, (void)threads;
+}
+void nld_sgemm_bf16w(const float* x, const uint16_t* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
     (void)x, (void)packed, (void)y, (void)M, (void)N, (void)K, (void)threads;
 }
 #endif

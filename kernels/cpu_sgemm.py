@@ -8,6 +8,8 @@ packed GEMM.
 ``pack`` copies a ``[N, K]`` fp32 weight into 16-column panels once; ``linear`` then computes
 ``x @ weight.T``, each output one fused multiply-add chain over k in order, so a row's result
 does not depend on the other rows of the pass (only the summation order differs from MKL's).
+A weight whose every value is a bf16 number (a bf16 checkpoint served in fp32, like the
+embedded model and the released ones) is packed as bf16: the same results from half the bytes.
 """
 
 from __future__ import annotations
@@ -28,15 +30,22 @@ PANEL = 16  # output columns per panel; the kernel walks two panels at a time
 MAX_ROWS = 64
 # False: fp32 weights are packed for oneDNN instead (tests, benchmarks); packed ones still run here
 enabled = True
+# False: panels stay fp32 even where every weight is a bf16 value (benchmarks: interleaved A/B)
+bf16_panels = True
 
 
 @dataclass(frozen=True)
 class PanelWeight:
-    """A ``[n, k]`` fp32 weight as ``panels[p][k][c] = w[16 p + c][k]`` (flat, ``n * k``)."""
+    """A ``[n, k]`` fp32 weight as ``panels[p][k][c] = w[16 p + c][k]`` (flat, ``n * k``), in
+    fp32 or, where that is exact, bf16."""
 
     panels: torch.Tensor
     n: int
     k: int
+
+    @property
+    def bf16(self) -> bool:
+        return self.panels.dtype == torch.bfloat16
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,8 +60,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     lib.nld_sgemm_available.argtypes = []
     if not lib.nld_sgemm_available():
         return None
-    lib.nld_sgemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.nld_sgemm_f32.restype = None
+    for fn in (lib.nld_sgemm_f32, lib.nld_sgemm_bf16w):
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = None
     return lib
 
 
@@ -69,10 +79,15 @@ def packs(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> PanelWeight:
-    """``weight`` ``[N, K]`` as panels of 16 columns, each stored k-major."""
+    """``weight`` ``[N, K]`` as panels of 16 columns, each stored k-major; in bf16 when every
+    value is a bf16 number (and ``bf16_panels``)."""
     n, k = weight.shape
     assert n % (2 * PANEL) == 0, (n, k)
     panels = weight.detach().reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous().reshape(-1)
+    if bf16_panels:
+        narrow = panels.to(torch.bfloat16)
+        if torch.equal(narrow.float(), panels):  # NaN never compares equal: such weights stay fp32
+            panels = narrow
     return PanelWeight(panels, n, k)
 
 
@@ -84,6 +99,7 @@ def linear(x: torch.Tensor, weight: PanelWeight, lib: ctypes.CDLL | None = None)
     assert lib is not None and x.dtype == torch.float32 and x.shape[-1] == weight.k, (x.dtype, x.shape, weight.k)
     rows = x.reshape(-1, weight.k).contiguous()
     out = torch.empty(rows.shape[0], weight.n, dtype=torch.float32)
-    lib.nld_sgemm_f32(rows.data_ptr(), weight.panels.data_ptr(), out.data_ptr(), rows.shape[0], weight.n, weight.k,
-                      torch.get_num_threads())
+    kernel = lib.nld_sgemm_bf16w if weight.bf16 else lib.nld_sgemm_f32
+    kernel(rows.data_ptr(), weight.panels.data_ptr(), out.data_ptr(), rows.shape[0], weight.n, weight.k,
+           torch.get_num_threads())
     return out.view(*x.shape[:-1], weight.n)

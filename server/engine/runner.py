@@ -15,6 +15,7 @@ import torch
 from kernels.ops import AttentionMetadata, use_triton
 from server.engine.batch import BatchMetadata, HostBatch, KVTensors, padded_tables
 from server.engine.cpu_attention import CpuPagedAttention
+from server.engine.cpu_decoder_pass import CpuDecoderPass
 from server.engine.cuda_graphs import GraphRunner
 from server.engine.request import Request
 from server.engine.vision_runner import VisionRunner
@@ -59,6 +60,8 @@ class ModelRunner:
         self.compiled: CompiledDecoder | None = None
         if cpu_compile and self.cpu_attention:
             self.compiled = self._compile_cpu(model)
+        # fp32 passes of a few rows as one C call (server.engine.cpu_decoder_pass)
+        self.cpu_pass = CpuDecoderPass.for_model(model, self.kv) if self.cpu_attention and self.compiled is None else None
         self.vision = VisionRunner(model.vision, device) if model.vision is not None else None
         self.graphs: GraphRunner | None = None
         if graph_query_lens and graph_batch_sizes:
@@ -92,6 +95,8 @@ class ModelRunner:
         """Hidden states [T, hidden] of the batch, run eagerly."""
         lora_rows = self._to_device(hb.lora, torch.bool) if any(hb.lora) and self.model.has_draft_lora else None
         if self.cpu_attention:
+            if self.cpu_pass is not None and lora_rows is None and image_features is None and self.cpu_pass.takes(hb):
+                return self.cpu_pass(hb)
             ctx = CpuPagedAttention(self.kv.k_cache, self.kv.v_cache, hb.slots, hb.context_lens, hb.query_start_loc,
                                     hb.causal, hb.tables, self.model.config.num_heads, self.kv.scale, hb.mask_block)
             ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)

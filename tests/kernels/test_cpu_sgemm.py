@@ -83,6 +83,44 @@ def test_leading_dims_strided_rows_empty_input_and_nan() -> None:
     assert out[17].isnan().all() and not out[[0, 16, 18]].isnan().any(), "a NaN stays in its row"
 
 
+def _bf16_exact(n: int, k: int, seed: int) -> torch.Tensor:
+    """An fp32 ``[n, k]`` weight whose values are bf16 numbers (a bf16 checkpoint in fp32)."""
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).bfloat16().float()
+
+
+def test_bf16_values_pack_as_bf16_and_nothing_else_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure torch: the packed values are the weight's, in bf16 only where that is exact."""
+    w = _bf16_exact(64, 40, 1)
+    packed = cpu_sgemm.pack(w)
+    assert packed.bf16 and packed.panels.dtype == torch.bfloat16
+    assert torch.equal(packed.panels.float().view(4, 40, 16).transpose(1, 2).reshape(64, 40), w)
+    near = w.clone()
+    near[3, 7] += 2.0**-12  # one value between two bf16 numbers
+    assert not cpu_sgemm.pack(near).bf16
+    nan = w.clone()
+    nan[0, 0] = math.nan
+    assert not cpu_sgemm.pack(nan).bf16
+    monkeypatch.setattr(cpu_sgemm, "bf16_panels", False)
+    assert not cpu_sgemm.pack(w).bf16
+
+
+def _fp32_panels(w: torch.Tensor) -> cpu_sgemm.PanelWeight:
+    n, k = w.shape
+    return cpu_sgemm.PanelWeight(w.reshape(n // 16, 16, k).transpose(1, 2).contiguous().reshape(-1), n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16_panels_give_the_fp32_panels_bits(n: int, k: int) -> None:
+    """Each weight widens exactly before its FMA: the same chains, so the same results."""
+    w = _bf16_exact(n, k, n + k)
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(k))
+    packed, wide = cpu_sgemm.pack(w), _fp32_panels(w)
+    assert packed.bf16 and not wide.bf16
+    for rows in ROWS:
+        assert torch.equal(cpu_sgemm.linear(x[:rows], packed), cpu_sgemm.linear(x[:rows], wide)), rows
+
+
 @needs_kernel
 def test_avx2_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AVX2 code path (2-row tiles, two ymm per panel) keeps the bound and the row
@@ -96,6 +134,8 @@ def test_avx2_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         got = cpu_sgemm.linear(x, cpu_sgemm.pack(w), lib)
         assert ((got.double() - x.double() @ w.double().T).abs() <= fp32_bound(x, w)).all(), (rows, n, k)
         assert torch.equal(got[-1:], cpu_sgemm.linear(x[-1:], cpu_sgemm.pack(w), lib))
+        narrow = _bf16_exact(n, k, rows)
+        assert torch.equal(cpu_sgemm.linear(x, cpu_sgemm.pack(narrow), lib), cpu_sgemm.linear(x, _fp32_panels(narrow), lib))
     assert cpu_sgemm._bind(build_for_isa(cpu_sgemm.SOURCE, "plain")) is None
 
 

@@ -1,0 +1,107 @@
+/* One forward pass of the fused fp32 decoder on the CPU in one call.
+ *
+ * On a small model a decode step's arithmetic takes less time than the Python around it: the
+ * eager fused path makes about ten kernel calls per layer (RMSNorm, QKV projection, rotary,
+ * cache stores, attention, output projection, RMSNorm, gate/up projection, silu * up, down
+ * projection), each with its argument checks, tensor allocations and ctypes dispatch. Here
+ * the layer loop runs in C and calls the same kernels in the same order with the same
+ * arguments, through function pointers into their own libraries (kernels/cpu_sgemm.c,
+ * kernels/cpu_elementwise.c, kernels/cpu_paged_attention.c), so a pass costs one call.
+ *
+ * Per layer l, for the pass's T rows (x: embeddings in, the final hidden states out):
+ *
+ *   h, res  = rms_norm(x + res)          (layer 0: res = x)
+ *   qkv     = h @ Wqkv^T ; q, k = rotary(q, k) ; v = qkv's last columns
+ *   cache   <- k, v of the rows with a slot (before attending: a segment may read them)
+ *   a       = attention of every segment (causal or bidirectional) @ Wo^T
+ *   h, res  = rms_norm(a + res)
+ *   x       = silu_mul(h @ Wgu^T) @ Wdown^T
+ *
+ * and finally out = rms_norm(x + res). Every row is in exactly one segment (callers check).
+ * The results are the eager path's bit for bit wherever that path uses the same kernels (a
+ * pass whose segments are all single rows); longer segments attend here in the C kernel
+ * where the eager path uses SDPA, equal up to summation order.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(const float* x, const void* packed, float* y, int64_t M, int64_t N, int64_t K, int threads);
+typedef void (*norm_fn)(const void* x, const void* res, const void* w, void* y, void* sum_out, int64_t rows, int64_t d,
+                        float eps, int bf16, int threads);
+typedef void (*rotary_fn)(const void* q, int64_t q_stride, const void* k, int64_t k_stride, void* q_out, void* k_out,
+                          const float* cos_q, const float* sin_q, const float* cos, const float* sin, int64_t rows,
+                          int64_t hq, int64_t hkv, int64_t dim, int bf16, int threads);
+typedef void (*silu_fn)(const void* gate_up, void* out, int64_t rows, int64_t n, int bf16, int threads);
+typedef void (*attention_fn)(const void* q, const void* k, const void* v, const void* kc, const void* vc, void* out,
+                             int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* seg_q_start,
+                             const int64_t* seg_q_len, const int64_t* seg_ctx, const uint8_t* seg_causal,
+                             const int64_t* tables, int64_t table_stride, int64_t num_segs, int64_t hq, int64_t hkv,
+                             int64_t d, int64_t page_size, float scale, int threads);
+
+/* The model, set up once (kernels/cpu_decoder.py keeps the tensors alive). Per-layer
+ * arrays hold one pointer per layer; weights are kernels/cpu_sgemm.c panels, fp32 or bf16:
+ * bf16[4 l + j] says which for layer l's projection j (qkv, o, gate_up, down). */
+typedef struct {
+    sgemm_fn sgemm, sgemm_bf16w;
+    norm_fn add_rms_norm;
+    rotary_fn rotary_qk;
+    silu_fn silu_mul;
+    attention_fn attention;
+    int64_t layers, hidden, hq, hkv, d, inter, page_size;
+    float eps, scale;
+    const float *const *norm1, *const *norm2;
+    const void *const *qkv, *const *o, *const *gate_up, *const *down;
+    const uint8_t* bf16;
+    const float* final_norm;
+    float *const *k_cache, *const *v_cache; /* per layer: [rows, hkv, d] */
+} Decoder;
+
+/* y [M, N] = x [M, K] @ W^T for layer l's projection j (its panels w) */
+static void project(const Decoder* m, int64_t l, int j, const void* w, const float* x, float* y, int64_t M, int64_t N,
+                    int64_t K, int threads) {
+    (m->bf16[4 * l + j] ? m->sgemm_bf16w : m->sgemm)(x, w, y, M, N, K, threads);
+}
+
+/* Floats of scratch a pass of T rows needs (see the layout in nld_decoder_pass). */
+int64_t nld_decoder_scratch(const Decoder* m, int64_t T) {
+    const int64_t qkv = (m->hq + 2 * m->hkv) * m->d;
+    return T * (2 * m->hidden + qkv + (m->hq + m->hkv) * m->d + m->hq * m->d + 3 * m->inter);
+}
+
+/* x [T, hidden]: the embeddings, overwritten; out [T, hidden]; rope tables [T, d]; the rows
+ * write_rows[i] store their K/V at cache row write_slots[i]; segments as in
+ * kernels/cpu_paged_attention.c; scratch of nld_decoder_scratch(m, T) floats. */
+void nld_decoder_pass(const Decoder* m, float* x, int64_t T, const float* cos_q, const float* sin_q, const float* cos,
+                      const float* sin, const int64_t* write_rows, const int64_t* write_slots, int64_t num_writes,
+                      const int64_t* seg_q_start, const int64_t* seg_q_len, const int64_t* seg_ctx,
+                      const uint8_t* seg_causal, const int64_t* tables, int64_t table_stride, int64_t num_segs,
+                      float* scratch, float* out, int threads) {
+    const int64_t H = m->hidden, d = m->d, qd = m->hq * d, kd = m->hkv * d, qkv_n = qd + 2 * kd;
+    float *h = scratch, *res = h + T * H, *qkv = res + T * H, *q = qkv + T * qkv_n, *k = q + T * qd;
+    float *attn = k + T * kd, *gu = attn + T * qd, *act = gu + T * 2 * m->inter;
+    for (int64_t l = 0; l < m->layers; l++) {
+        if (l == 0) {
+            m->add_rms_norm(x, NULL, m->norm1[0], h, NULL, T, H, m->eps, 0, threads);
+            memcpy(res, x, sizeof(float) * T * H);
+        } else {
+            m->add_rms_norm(x, res, m->norm1[l], h, res, T, H, m->eps, 0, threads);
+        }
+        project(m, l, 0, m->qkv[l], h, qkv, T, qkv_n, H, threads);
+        m->rotary_qk(qkv, qkv_n, qkv + qd, qkv_n, q, k, cos_q, sin_q, cos, sin, T, m->hq, m->hkv, d, 0, threads);
+        const float* v = qkv + qd + kd;
+        float *kc = m->k_cache[l], *vc = m->v_cache[l];
+        for (int64_t i = 0; i < num_writes; i++) {
+            const int64_t r = write_rows[i], slot = write_slots[i];
+            memcpy(kc + slot * kd, k + r * kd, sizeof(float) * kd);
+            memcpy(vc + slot * kd, v + r * qkv_n, sizeof(float) * kd);
+        }
+        m->attention(q, k, v, kc, vc, attn, m->hq * d, kd, qkv_n, seg_q_start, seg_q_len, seg_ctx, seg_causal, tables,
+                     table_stride, num_segs, m->hq, m->hkv, d, m->page_size, m->scale, threads);
+        project(m, l, 1, m->o[l], attn, h, T, H, qd, threads);
+        m->add_rms_norm(h, res, m->norm2[l], h, res, T, H, m->eps, 0, threads);
+        project(m, l, 2, m->gate_up[l], h, gu, T, 2 * m->inter, H, threads);
+        m->silu_mul(gu, act, T, m->inter, 0, threads);
+        project(m, l, 3, m->down[l], act, x, T, H, m->inter, threads);
+    }
+    m->add_rms_norm(x, res, m->final_norm, out, res, T, H, m->eps, 0, threads);
+}

@@ -1,0 +1,76 @@
+"""The CPU's whole-pass path: an fp32 forward pass as one C call (``kernels.cpu_decoder``).
+
+On the embedded model a decode step spent about two thirds of its time in the Python between
+its kernels (one to two thirds on SmolLM2-135M, by batch). The runner sends a pass here when
+
+* the model runs fp32 on the fused path with every projection packed as ``kernels.cpu_sgemm``
+  panels (the CPU default; not bf16, not a compiled decoder), and the C kernels are built;
+* the pass has at most ``MAX_ROWS`` rows, no quadratic self-speculation segments (the C
+  attention knows the causal and bidirectional rules only), no draft-adapter rows and no image
+  features.
+
+Everything else runs the eager fused path, which uses the same kernels. Embeddings and rotary
+tables are computed here with the model's own modules; the C side does the layers and the
+final norm. Single-row segments (decode steps) give the eager path's hidden states bit for
+bit; longer segments attend in the C kernel instead of SDPA (same math, another summation
+order).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_decoder
+from kernels.cpu_paged_attention import SegmentPlan
+from kernels.cpu_sgemm import PanelWeight
+from server.engine.batch import HostBatch, KVTensors
+from server.model.model import DecoderModel
+
+# Larger passes (long prefill chunks) keep the eager path: MKL's GEMM and SDPA's tiled
+# attention win there, and the Python around them is a small share of the pass.
+MAX_ROWS = 128
+
+
+class CpuDecoderPass:
+    """A model and its caches bound to ``kernels.cpu_decoder`` (see the module docstring)."""
+
+    def __init__(self, model: DecoderModel, kv: KVTensors) -> None:
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.packed is not None and mlp.packed is not None
+            (qkv, o), (gate_up, down) = attn.packed, mlp.packed
+            assert all(isinstance(w, PanelWeight) for w in (qkv, o, gate_up, down))
+            layers.append(cpu_decoder.LayerWeights(layer.input_layernorm.weight.detach(), qkv, o,
+                                                   layer.post_attention_layernorm.weight.detach(), gate_up, down))
+        self.model = model
+        self.decoder = cpu_decoder.DecoderPass(layers, model.norm.weight.detach(), model.norm.eps, kv.k_cache,
+                                               kv.v_cache, model.config.num_heads, kv.scale)
+
+    @classmethod
+    def for_model(cls, model: DecoderModel, kv: KVTensors) -> "CpuDecoderPass | None":
+        """The whole-pass path for this model, or None where it cannot run."""
+        page_size = kv.k_cache.shape[2]
+        packed = [p for layer in model.layers for p in (layer.self_attn.packed or (None,)) + (layer.mlp.packed or (None,))]
+        if not (model.fused_kernels and kv.k_cache.device.type == "cpu" and kv.k_cache.dtype == torch.float32
+                and model.norm.weight.dtype == torch.float32 and page_size & (page_size - 1) == 0
+                and packed and all(isinstance(p, PanelWeight) for p in packed) and cpu_decoder.available()):
+            return None
+        return cls(model, kv)
+
+    @staticmethod
+    def takes(hb: HostBatch) -> bool:
+        """Whether ``hb`` runs here (the runner also keeps adapter rows and images eager)."""
+        return 0 < hb.num_tokens <= MAX_ROWS and not any(hb.mask_block)
+
+    @torch.inference_mode()
+    def __call__(self, hb: HostBatch) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored)."""
+        ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
+        x = self.model.embed_tokens(ids)
+        rope = self.model.rope_tables(positions)
+        writes = [(row, slot) for row, slot in enumerate(hb.slots) if slot >= 0]
+        write_rows = torch.tensor([row for row, _ in writes], dtype=torch.int64)
+        write_slots = torch.tensor([slot for _, slot in writes], dtype=torch.int64)
+        segments = SegmentPlan(hb.query_start_loc[:-1], hb.query_lens, hb.context_lens, hb.causal, hb.tables)
+        return self.decoder(x, *(t.contiguous() for t in rope), write_rows, write_slots, segments)
