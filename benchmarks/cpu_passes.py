@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_passes.py [--model DIR|smollm2] [--dtype float32] [--batches 1 8]
                                     [--context 128] [--repeats 20] [--profile]
+                                    [--ab KERNEL [--generate 64 --rounds 3]]
 
 Times ``ModelRunner.run`` on the pass kinds of the three modes: a 1-token AR decode, a
 32-token bidirectional denoise block (diffusion, also the self_spec draft) and a causal
@@ -9,7 +10,9 @@ verify pass of draft + 1 tokens (self_spec), at each batch size, with every sequ
 on ``--context`` cached tokens. "cpu ms" is the process's CPU time per pass (all its
 threads), steadier than wall time on a shared machine. ``--compile`` times the compiled
 decoder (``--cpu-compile``). ``--profile`` adds a torch.profiler table (self CPU time per
-op) of each pass. Default model: the embedded one.
+op) of each pass. ``--ab`` times each pass with and without one kernel, interleaved;
+``--generate`` adds served tokens/s per mode with and without it. Default model: the
+embedded one.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(REPO), help="checkout whose server package is timed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     p.add_argument("--compile", action="store_true", help="time the compiled decoder (--cpu-compile)")
-    p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed", "decoder", "bf16w"],
+    p.add_argument("--generate", type=int, default=0,
+                   help="with --ab: also time serving this many new tokens per mode, with and without")
+    p.add_argument("--rounds", type=int, default=3, help="--generate's interleaved rounds")
+    p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed", "decoder", "bf16w",
+                                    "whole"],
                    default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
                         "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         "projections on panels, against oneDNN's packed GEMM; kernels.cpu_elementwise: "
                         "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none; decoder: the "
                         "whole-pass C path, kernels.cpu_decoder, against the eager fused path, at any pass size; bf16w: "
-                        "bf16 panels of a bf16 checkpoint's fp32 weights against fp32 panels) "
+                        "bf16 panels of a bf16 checkpoint's fp32 weights against fp32 panels; whole: both of these "
+                        "against neither) "
                         "and print both")
     args = p.parse_args(argv)
 
@@ -162,24 +170,25 @@ def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def
     The attention plan is made per pass (``runner.run``), so switching between passes is exact."""
     from kernels import cpu_amx, cpu_elementwise, cpu_gemv, cpu_paged_attention, cpu_sgemm
 
-    if args.ab in ("amx", "sgemm", "packed", "bf16w"):
+    from server.engine import cpu_decoder_pass
+
+    max_rows = cpu_decoder_pass.MAX_ROWS
+    if args.ab in ("amx", "sgemm", "packed", "bf16w", "whole"):
         from server.engine.cpu_decoder_pass import CpuDecoderPass
 
         print(f"kernels.cpu_amx available: {cpu_amx.available()}, kernels.cpu_sgemm: {cpu_sgemm.available()}")
-        use_packs = _pack_switch(engine.model, args.ab)
+        use_packs = _pack_switch(engine.model, "bf16w" if args.ab == "whole" else args.ab)
         # the whole-pass path binds the packed weights it was made with: one per set
         whole_pass = {}
         for on in (True, False):
             use_packs(on)
-            whole_pass[on] = None if engine.runner.cpu_pass is None else CpuDecoderPass.for_model(
-                engine.model, engine.runner.kv)
+            whole_pass[on] = None if engine.runner.cpu_pass is None or (args.ab == "whole" and not on) \
+                else CpuDecoderPass.for_model(engine.model, engine.runner.kv)
 
         def use(on: bool) -> None:
             use_packs(on)
             engine.runner.cpu_pass = whole_pass[on]
     elif args.ab == "decoder":
-        from server.engine import cpu_decoder_pass
-
         whole_pass = engine.runner.cpu_pass
         print(f"whole-pass path: {whole_pass is not None} (timed here above its MAX_ROWS "
               f"{cpu_decoder_pass.MAX_ROWS} too)")
@@ -203,7 +212,48 @@ def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def
             use(True)
             on, off = statistics.median(times[True]), statistics.median(times[False])
             print(f"{name:<26} {b:>5} {on * 1e3:>9.2f} {off * 1e3:>8.2f} {off / on:>8.2f}", flush=True)
+    if args.generate:
+        cpu_decoder_pass.MAX_ROWS = max_rows
+        for r in reqs:  # the passes' resident sequences leave (their pages freed)
+            engine.abort(r.request_id)
+        _ab_generate(engine, use, args)
     return 0
+
+
+def _ab_generate(engine, use, args) -> None:  # type: ignore[no-untyped-def]
+    """Served tokens/s per mode (its shipped settings, greedy, ``--generate`` new tokens on
+    fixed 24-token prompts) at each batch size, with (A) and without (B) the kernel: every
+    (mode, batch) run alternates A and B within each of ``--rounds`` rounds; medians."""
+    from server.engine.params import DecodeParams, RequestParams, SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    modes = ("ar", "diffusion", "self_spec")
+
+    def serve(mode: str, batch: int, tokens: int) -> float:
+        params = RequestParams(SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+                               DecodeParams(mode=mode))
+        prompts = [[(31 * i + 7 * j) % (vocab - 10) + 10 for j in range(24)] for i in range(batch)]
+        t0 = time.perf_counter()
+        engine.generate(prompts, params)
+        return tokens * batch / (time.perf_counter() - t0)
+
+    rates: dict[tuple[str, int, bool], list[float]] = {}
+    for _ in range(args.rounds):
+        for mode in modes:
+            for b in args.batches:
+                for on in (True, False):
+                    use(on)
+                    serve(mode, b, 4)  # warm: the first pass of a new shape
+                    rates.setdefault((mode, b, on), []).append(serve(mode, b, args.generate))
+    use(True)
+    print(f"\nserved tok/s ({args.generate} new tokens, {args.rounds} rounds)")
+    print(f"{'mode':<10} {'batch':>5} {'kernel':>9} {'without':>9} {'speed-up':>8} {'x AR':>6} {'x AR without':>12}")
+    med = {key: statistics.median(v) for key, v in rates.items()}
+    for mode in modes:
+        for b in args.batches:
+            on, off = med[(mode, b, True)], med[(mode, b, False)]
+            print(f"{mode:<10} {b:>5} {on:>9.1f} {off:>9.1f} {on / off:>8.2f} {on / med[('ar', b, True)]:>6.2f} "
+                  f"{off / med[('ar', b, False)]:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":
