@@ -21,6 +21,10 @@
  * The results are the eager path's bit for bit wherever that path uses the same kernels (a
  * pass whose segments are all single rows); longer segments attend here in the C kernel
  * where the eager path uses SDPA, equal up to summation order.
+ *
+ * Every kernel here computes a row on its own (the projections' FMA chains, the per-row
+ * norms and rotary, the attention's per-row sums), so a row's hidden state does not depend on
+ * the other rows of the pass: a causal verify row equals the decode step at its position.
  */
 #include <stdint.h>
 #include <string.h>

@@ -14,6 +14,11 @@
  * (bidirectional). So query row r sees a prefix of the key order of length
  * n_r = ctx + (causal ? i + 1 : L), and no mask is materialised.
  *
+ * A query row's result depends only on its query and the n_r keys and values it sees, not on
+ * L or on the other rows: scores and value sums are computed per key in the same order and
+ * blocking whatever the segment's length. So a causal row attended in a segment of L rows
+ * equals, bit for bit, the same row attended alone after the earlier rows were cached.
+ *
  * Built at run time by kernels/cpu_build.py (-march=native): AVX-512F, AVX2+FMA or plain C.
  */
 #include <math.h>
@@ -169,9 +174,15 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     }
     int64_t j = 0;
 #if defined(__AVX512F__)
-    /* KEY_BLOCK keys at a time: each query row's 16 dot products reduced together */
-    for (; d % 16 == 0 && j + KEY_BLOCK <= N; j += KEY_BLOCK) {
-        load_rows(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j, KEY_BLOCK, N, row, width, bf16);
+    /* KEY_BLOCK keys at a time: each query row's 16 dot products reduced together. The last
+     * block may be partial (rows past N zeroed, their scores not stored): key j's score is then
+     * computed the same way whatever N is, so a query row's result does not depend on how many
+     * rows its segment has (a verify row equals the decode step at its position, bit for bit). */
+    for (; d % 16 == 0 && j < N; j += KEY_BLOCK) {
+        const int64_t count = N - j < KEY_BLOCK ? N - j : KEY_BLOCK;
+        load_rows(a, a->kc, a->k, a->k_stride, pages, ctx, q0, h0, j, count, N, row, width, bf16);
+        memset(row + count * width, 0, sizeof(float) * (KEY_BLOCK - count) * width);
+        const __mmask16 keep = (__mmask16)((1u << count) - 1u);
         for (int64_t r = 0; r < R; r++) {
             if (j >= visible[r]) continue; /* scores past visible[r] are written but never read */
             const float* qr = qf + r * d;
@@ -183,7 +194,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
                 for (int t = 0; t < KEY_BLOCK; t++)
                     dots[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr + t * width + e), dots[t]);
             }
-            _mm512_storeu_ps(scores + r * N + j, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(a->scale)));
+            _mm512_mask_storeu_ps(scores + r * N + j, keep, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(a->scale)));
         }
     }
 #endif
@@ -205,9 +216,11 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     }
     j = 0;
 #if defined(__AVX512F__)
-    /* KEY_BLOCK values at a time: each query row's accumulators are loaded and stored once */
-    for (; d % 16 == 0 && j + KEY_BLOCK <= N; j += KEY_BLOCK) {
-        load_rows(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j, KEY_BLOCK, N, row, width, bf16);
+    /* KEY_BLOCK values at a time: each query row's accumulators are loaded and stored once
+     * (the last block partial, as above: one FMA per visible value, in key order, whatever N is) */
+    for (; d % 16 == 0 && j < N; j += KEY_BLOCK) {
+        const int64_t count = N - j < KEY_BLOCK ? N - j : KEY_BLOCK;
+        load_rows(a, a->vc, a->v, a->v_stride, pages, ctx, q0, h0, j, count, N, row, width, bf16);
         for (int64_t r = 0; r < R; r++) {
             const int64_t seen = visible[r] - j < KEY_BLOCK ? visible[r] - j : KEY_BLOCK;
             const float* vr = row + (r % per_token) / G * d;

@@ -14,6 +14,11 @@ tables are computed here with the model's own modules; the C side does the layer
 final norm. Single-row segments (decode steps) give the eager path's hidden states bit for
 bit; longer segments attend in the C kernel instead of SDPA (same math, another summation
 order).
+
+Each row is computed on its own here, so a row's result does not depend on the rest of the
+batch: a self_spec verify row gives the logits and K/V of AR's decode step at its position bit
+for bit, and a request's greedy text does not change with what it is batched with (passes up
+to ``MAX_ROWS`` rows; prefill passes above it take the eager path, the same for every mode).
 """
 
 from __future__ import annotations

@@ -249,3 +249,34 @@ def test_served_text_is_the_eager_paths(monkeypatch: pytest.MonkeyPatch) -> None
             assert (calls["n"] > 0) == whole, spec
         assert outs[0] == outs[1], spec
     assert cpu_paged_attention.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16_values", [False, True])
+def test_verify_rows_equal_decode_steps_bit_for_bit(bf16_values: bool) -> None:
+    """Through the whole pass every row is computed alone (row-independent projections and
+    elementwise ops, attention whose per-row result does not depend on the segment's length),
+    so a self_spec verify pass gives, row for row, the logits and K/V that AR's decode steps
+    give at the same positions: self-speculation at temperature 0 is AR greedy by construction."""
+    rnd = random.Random(9)
+    prompt = [rnd.randrange(4, 300) for _ in range(21)]
+    tokens = [rnd.randrange(4, 300) for _ in range(17)]
+
+    def prefilled():  # type: ignore[no-untyped-def]
+        engine = _engine(bf16_values=bf16_values)
+        reqs = _requests(engine, random.Random(0), (len(prompt),))
+        reqs[0].prompt_ids[:] = prompt
+        _advance(engine, reqs, [Work(PREFILL, prompt, [len(prompt) - 1])])
+        return engine, reqs
+
+    engine, reqs = prefilled()
+    steps = []
+    for t in tokens:
+        steps.append(engine.runner.run([(reqs[0], Work(DECODE, [t], [0]))])[0])
+        reqs[0].num_computed += 1
+    decoded = torch.cat(steps)
+    decode_cache = engine.runner.kv.k_cache.clone()
+    engine, reqs = prefilled()
+    verified = engine.runner.run([(reqs[0], Work(VERIFY, tokens, list(range(len(tokens)))))])[0]
+    assert torch.equal(verified, decoded)
+    assert torch.equal(engine.runner.kv.k_cache, decode_cache)

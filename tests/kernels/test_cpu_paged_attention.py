@@ -109,3 +109,44 @@ def test_task_split_per_segment_or_per_head(threads: int) -> None:
             _check(None, 11, dtype, 3, 16)
     finally:
         torch.set_num_threads(before)
+
+
+def _segment_rows_alone(lib, seed: int, d: int, isa_lengths: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    """A causal segment of L queries over ``ctx`` cached keys, against each of its rows attended
+    alone (one query over ``ctx + i`` cached keys: the earlier rows' keys stored in the pages)."""
+    g = torch.Generator().manual_seed(seed)
+    page_size, hkv, group = 4, 2, 3
+    for ctx in (0, 3, 13, 16, 29):
+        for length in isa_lengths:
+            total = ctx + length
+            pages = list(range(-(-total // page_size)))
+            kc = torch.randn(len(pages), page_size, hkv, d, generator=g)
+            vc = torch.randn(len(pages), page_size, hkv, d, generator=g)
+            q = torch.randn(length, hkv * group, d, generator=g)
+            # the segment's own keys are the cache's next rows (as a decode step would find them)
+            k = kc.view(-1, hkv, d)[ctx:total].clone()
+            v = vc.view(-1, hkv, d)[ctx:total].clone()
+            together = torch.empty_like(q)
+            plan = cpu_paged_attention.SegmentPlan([0], [length], [ctx], [True], [pages])
+            cpu_paged_attention.attend(plan, q, k, v, kc, vc, together, 0.125, lib)
+            for i in range(length):
+                alone = torch.empty(1, *q.shape[1:])
+                plan = cpu_paged_attention.SegmentPlan([0], [1], [ctx + i], [True], [pages])
+                cpu_paged_attention.attend(plan, q[i : i + 1], k[i : i + 1], v[i : i + 1], kc, vc, alone, 0.125, lib)
+                assert torch.equal(alone[0], together[i]), (ctx, length, i)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [16, 64, 24])
+def test_a_rows_result_does_not_depend_on_its_segments_length(d: int) -> None:
+    """A verify row equals the decode step at its position bit for bit: every key's score and
+    every value's FMA are computed the same way whatever the segment's length (blocks of 16
+    keys, the last one partial; d = 24 takes the scalar path)."""
+    _segment_rows_alone(None, 3, d, (2, 5, 16, 17))
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_its_segments_length_avx2(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
+    _segment_rows_alone(cpu_paged_attention._bind(build_for_isa(cpu_paged_attention.SOURCE, "avx2")), 4, 16, (3, 17))
