@@ -34,6 +34,9 @@ from server.model.model import DecoderModel
 # Larger passes (long prefill chunks) keep the eager path: MKL's GEMM and SDPA's tiled
 # attention win there, and the Python around them is a small share of the pass.
 MAX_ROWS = 128
+# Rotary tables of positions below this come from a table built once (4 x positions x
+# head_dim fp32, grown by powers of two as positions appear); later ones are computed per pass.
+ROPE_TABLE_POSITIONS = 8192
 
 
 class CpuDecoderPass:
@@ -49,6 +52,7 @@ class CpuDecoderPass:
             layers.append(cpu_decoder.LayerWeights(layer.input_layernorm.weight.detach(), qkv, o,
                                                    layer.post_attention_layernorm.weight.detach(), gate_up, down))
         self.model = model
+        self._rope = torch.empty(4, 0, model.config.head_dim)  # cos_q, sin_q, cos, sin per position
         self.decoder = cpu_decoder.DecoderPass(layers, model.norm.weight.detach(), model.norm.eps, kv.k_cache,
                                                kv.v_cache, model.config.num_heads, kv.scale)
 
@@ -73,9 +77,20 @@ class CpuDecoderPass:
         """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored)."""
         ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
         x = self.model.embed_tokens(ids)
-        rope = self.model.rope_tables(positions)
+        rope = self._rope_rows(positions, max(hb.positions))
         writes = [(row, slot) for row, slot in enumerate(hb.slots) if slot >= 0]
         write_rows = torch.tensor([row for row, _ in writes], dtype=torch.int64)
         write_slots = torch.tensor([slot for _, slot in writes], dtype=torch.int64)
         segments = SegmentPlan(hb.query_start_loc[:-1], hb.query_lens, hb.context_lens, hb.causal, hb.tables)
-        return self.decoder(x, *(t.contiguous() for t in rope), write_rows, write_slots, segments)
+        return self.decoder(x, *rope, write_rows, write_slots, segments)
+
+    def _rope_rows(self, positions: torch.Tensor, top: int) -> list[torch.Tensor]:
+        """The model's rotary tables (``rope_tables``) at ``positions`` (largest ``top``), four
+        contiguous ``[T, head_dim]`` tensors: rows of the cached table, the same values the
+        model computes per pass (elementwise functions of the position)."""
+        if top >= ROPE_TABLE_POSITIONS:
+            return [t.contiguous() for t in self.model.rope_tables(positions)]
+        if top >= self._rope.shape[1]:
+            size = min(ROPE_TABLE_POSITIONS, 1 << top.bit_length())
+            self._rope = torch.stack(self.model.rope_tables(torch.arange(size)))
+        return list(self._rope.index_select(1, positions))

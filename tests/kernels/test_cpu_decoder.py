@@ -280,3 +280,18 @@ def test_verify_rows_equal_decode_steps_bit_for_bit(bf16_values: bool) -> None:
     verified = engine.runner.run([(reqs[0], Work(VERIFY, tokens, list(range(len(tokens)))))])[0]
     assert torch.equal(verified, decoded)
     assert torch.equal(engine.runner.kv.k_cache, decode_cache)
+
+
+@needs_kernel
+def test_rotary_rows_from_the_table_are_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached rotary table grows by powers of two as positions appear and gives the values
+    ``rope_tables`` computes; positions past ``ROPE_TABLE_POSITIONS`` are computed per pass."""
+    monkeypatch.setattr(cpu_decoder_pass, "ROPE_TABLE_POSITIONS", 64)
+    whole = _engine().runner.cpu_pass
+    assert whole is not None
+    model = whole.model
+    for positions, table in (([0], 1), ([3, 1, 2], 4), ([5, 40, 7], 64), ([63, 2], 64), ([64, 9, 700], 64)):
+        got = whole._rope_rows(torch.tensor(positions), max(positions))
+        want = model.rope_tables(torch.tensor(positions))
+        assert whole._rope.shape[1] == table
+        assert len(got) == 4 and all(g.is_contiguous() and torch.equal(g, w) for g, w in zip(got, want))
