@@ -227,7 +227,7 @@ def _ab_generate(engine, use, args) -> None:  # type: ignore[no-untyped-def]
     from server.engine.params import DecodeParams, RequestParams, SamplingParams
 
     vocab = engine.model_config.vocab_size
-    modes = ("ar", "diffusion", "self_spec")
+    modes = ("ar", "diffusion", "self_spec") if engine.model_config.is_diffusion else ("ar",)
 
     def serve(mode: str, batch: int, tokens: int) -> float:
         params = RequestParams(SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),

@@ -159,8 +159,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu_threads", int, None, "torch intra-op threads on the CPU (default: all usable cores; fewer on a machine shared with other busy processes)",
            BOTH, minimum=1, nullable=True),
     Option("cpu_compile", bool, False,
-           "compile the decoder with torch.compile on the CPU: served tokens/s 1.0-1.2x, 20 s to 2 minutes more "
-           "at start-up (needs a C++ compiler; without one the engine runs eagerly)", BOTH),
+           "compile the decoder with torch.compile on the CPU instead of the one-call C path (slower than it "
+           "in fp32 for passes of up to 128 rows; 20 s to 2 minutes more at start-up; needs a C++ compiler, "
+           "without one the engine runs eagerly)", BOTH),
     # --- the HTTP server (serve) ---------------------------------------------------------
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 in a container)"),
     Option("port", int, 8000, "TCP port to bind", minimum=1, maximum=65535),
