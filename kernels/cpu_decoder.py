@@ -112,6 +112,7 @@ class DecoderPass:
             len(layers), hidden, num_heads, hkv, d, inter, page_size, eps, scale,
             *(ctypes.addressof(a) for a in self._arrays[:6]), ctypes.addressof(self._bf16), self._norms[-1].data_ptr(),
             *(ctypes.addressof(a) for a in self._arrays[6:]))
+        self._scratch_per_row = lib.nld_decoder_scratch(ctypes.byref(self._model), 1)  # linear in T
 
     @staticmethod
     def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
@@ -129,7 +130,7 @@ class DecoderPass:
         assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[1] == self.hidden
         assert segments.rows == t and write_rows.shape == write_slots.shape
         model = ctypes.byref(self._model)
-        scratch = torch.empty(self._lib.nld_decoder_scratch(model, t), dtype=torch.float32)
+        scratch = torch.empty(t * self._scratch_per_row, dtype=torch.float32)
         out = torch.empty_like(x)
         self._lib.nld_decoder_pass(
             model, x.data_ptr(), t, cos_q.data_ptr(), sin_q.data_ptr(), cos.data_ptr(), sin.data_ptr(),

@@ -64,6 +64,18 @@ class SegmentPlan:
         self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
         self.rows = sum(q_len)
 
+    @classmethod
+    def of_tensors(cls, q_start: torch.Tensor, q_len: torch.Tensor, ctx: torch.Tensor, causal: torch.Tensor,
+                   tables: torch.Tensor, rows: int) -> "SegmentPlan":
+        """The plan from tensors already laid out as above (int64, ``causal`` uint8, ``tables``
+        ``[S, width]``, all contiguous) and its row count: no list conversions."""
+        assert q_start.dtype == q_len.dtype == ctx.dtype == tables.dtype == torch.int64 and causal.dtype == torch.uint8
+        assert tables.dim() == 2 and q_start.shape == q_len.shape == ctx.shape == causal.shape == tables.shape[:1]
+        plan = cls.__new__(cls)
+        plan.num_segs, plan.q_start, plan.q_len, plan.ctx = q_start.shape[0], q_start, q_len, ctx
+        plan.causal, plan.tables, plan.rows = causal, tables, rows
+        return plan
+
 
 def _heads_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()

@@ -24,6 +24,7 @@ to ``MAX_ROWS`` rows; prefill passes above it take the eager path, the same for 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from kernels import cpu_decoder
 from kernels.cpu_paged_attention import SegmentPlan
@@ -72,17 +73,24 @@ class CpuDecoderPass:
         """Whether ``hb`` runs here (the runner also keeps adapter rows and images eager)."""
         return 0 < hb.num_tokens <= MAX_ROWS and not any(hb.mask_block)
 
-    @torch.inference_mode()
     def __call__(self, hb: HostBatch) -> torch.Tensor:
-        """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored)."""
-        ids, positions = torch.tensor(hb.input_ids), torch.tensor(hb.positions)
-        x = self.model.embed_tokens(ids)
+        """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored).
+        Called inside ``ModelRunner.run``'s inference mode."""
+        t, segs = hb.num_tokens, len(hb.context_lens)
+        write_rows = [row for row, slot in enumerate(hb.slots) if slot >= 0]
+        width = max(1, max(len(pages) for pages in hb.tables))
+        # every int64 input in one tensor (one conversion from Python lists), then views
+        ints = torch.tensor(
+            hb.input_ids + hb.positions + write_rows + [hb.slots[row] for row in write_rows]
+            + hb.query_start_loc[:-1] + hb.query_lens + hb.context_lens
+            + [p for pages in hb.tables for p in pages + [0] * (width - len(pages))], dtype=torch.int64)
+        w = len(write_rows)
+        ids, positions, rows, slots, q_start, q_len, ctx, tables = ints.split([t, t, w, w, segs, segs, segs, segs * width])
+        segments = SegmentPlan.of_tensors(q_start, q_len, ctx, torch.tensor(hb.causal, dtype=torch.uint8),
+                                          tables.view(segs, width), t)
+        x = F.embedding(ids, self.model.embed_tokens.weight)
         rope = self._rope_rows(positions, max(hb.positions))
-        writes = [(row, slot) for row, slot in enumerate(hb.slots) if slot >= 0]
-        write_rows = torch.tensor([row for row, _ in writes], dtype=torch.int64)
-        write_slots = torch.tensor([slot for _, slot in writes], dtype=torch.int64)
-        segments = SegmentPlan(hb.query_start_loc[:-1], hb.query_lens, hb.context_lens, hb.causal, hb.tables)
-        return self.decoder(x, *rope, write_rows, write_slots, segments)
+        return self.decoder(x, *rope, rows, slots, segments)
 
     def _rope_rows(self, positions: torch.Tensor, top: int) -> list[torch.Tensor]:
         """The model's rotary tables (``rope_tables``) at ``positions`` (largest ``top``), four

@@ -10,6 +10,8 @@ OpenAI ``param`` field; each rule is written once, here or in the mode that owns
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, TYPE_CHECKING, Any, Callable, Literal
 
@@ -69,12 +71,13 @@ class LogitControls:
         neutral = LogitControls()
         return tuple(name for name in PENALTY_FIELDS if getattr(self, name) != getattr(neutral, name))
 
-    @property
+    @functools.cached_property
     def penalizes(self) -> bool:
         return bool(self.penalties_set())
 
-    @property
+    @functools.cached_property
     def active(self) -> bool:
+        """Whether any control is on (read for every request at every step; the fields are frozen)."""
         return self.penalizes or bool(self.logit_bias) or self.min_tokens > 0
 
 

@@ -8,6 +8,7 @@ draws exactly from p.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -107,6 +108,12 @@ class RowResult:
     margin: float | None = None
 
 
+@functools.lru_cache(maxsize=8)
+def _index(token_id: int, device: torch.device) -> torch.Tensor:
+    """A one-element index tensor (the mask id's), made once per device."""
+    return torch.tensor([token_id], device=device)
+
+
 def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int | None) -> list[RowResult]:
     """Choose one token per row (greedy when temperature is 0), never the mask id.
     One device-to-host copy for the whole batch."""
@@ -115,7 +122,7 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     assert logits.shape[0] == len(specs)
     device = logits.device
     raw = logits.float()
-    allowed = raw if mask_token_id is None else raw.index_fill(1, torch.tensor([mask_token_id], device=device), float("-inf"))
+    allowed = raw if mask_token_id is None else raw.index_fill(1, _index(mask_token_id, device), float("-inf"))
     tokens = torch.argmax(allowed, dim=-1)
     sampled_rows = [i for i, s in enumerate(specs) if s.temperature > 0]
     if sampled_rows:
@@ -146,7 +153,10 @@ def select_tokens(logits: torch.Tensor, specs: list[RowSpec], mask_token_id: int
     first_top = len(packed)
     if top is not None:
         packed += [top.indices.double().T, top.values.double().T]
-    host = torch.cat([t.reshape(-1, len(specs)) for t in packed]).T.tolist()
+    if device.type == "cpu" and len(packed) == 2:  # no transfer to save: two lists cost less than packing
+        host = [list(row) for row in zip(tokens.tolist(), chosen_lp.tolist())]
+    else:
+        host = torch.cat([t.reshape(-1, len(specs)) for t in packed]).T.tolist()
     tokens_l = [int(row[0]) for row in host]
     lp_l = [row[1] for row in host]
     top_i = [[int(v) for v in row[first_top : first_top + want_top]] for row in host] if top is not None else None
