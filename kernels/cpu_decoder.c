@@ -13,7 +13,7 @@
  *   h, res  = rms_norm(x + res)          (layer 0: res = x)
  *   qkv     = h @ Wqkv^T ; q, k = rotary(q, k) ; v = qkv's last columns
  *   cache   <- k, v of the rows with a slot (before attending: a segment may read them)
- *   a       = attention of every segment (causal or bidirectional) @ Wo^T
+ *   a       = attention of every segment (causal, bidirectional or quadratic) @ Wo^T
  *   h, res  = rms_norm(a + res)
  *   x       = silu_mul(h @ Wgu^T) @ Wdown^T
  *
@@ -39,8 +39,9 @@ typedef void (*silu_fn)(const void* gate_up, void* out, int64_t rows, int64_t n,
 typedef void (*attention_fn)(const void* q, const void* k, const void* v, const void* kc, const void* vc, void* out,
                              int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* seg_q_start,
                              const int64_t* seg_q_len, const int64_t* seg_ctx, const uint8_t* seg_causal,
-                             const int64_t* tables, int64_t table_stride, int64_t num_segs, int64_t hq, int64_t hkv,
-                             int64_t d, int64_t page_size, float scale, int threads);
+                             const int64_t* seg_sub_block, const int64_t* tables, int64_t table_stride,
+                             int64_t num_segs, int64_t hq, int64_t hkv, int64_t d, int64_t page_size, float scale,
+                             int threads);
 
 /* The model, set up once (kernels/cpu_decoder.py keeps the tensors alive). Per-layer
  * arrays hold one pointer per layer; weights are kernels/cpu_sgemm.c panels, fp32 or bf16:
@@ -78,8 +79,8 @@ int64_t nld_decoder_scratch(const Decoder* m, int64_t T) {
 void nld_decoder_pass(const Decoder* m, float* x, int64_t T, const float* cos_q, const float* sin_q, const float* cos,
                       const float* sin, const int64_t* write_rows, const int64_t* write_slots, int64_t num_writes,
                       const int64_t* seg_q_start, const int64_t* seg_q_len, const int64_t* seg_ctx,
-                      const uint8_t* seg_causal, const int64_t* tables, int64_t table_stride, int64_t num_segs,
-                      float* scratch, float* out, int threads) {
+                      const uint8_t* seg_causal, const int64_t* seg_sub_block, const int64_t* tables,
+                      int64_t table_stride, int64_t num_segs, float* scratch, float* out, int threads) {
     const int64_t H = m->hidden, d = m->d, qd = m->hq * d, kd = m->hkv * d, qkv_n = qd + 2 * kd;
     float *h = scratch, *res = h + T * H, *qkv = res + T * H, *q = qkv + T * qkv_n, *k = q + T * qd;
     float *attn = k + T * kd, *gu = attn + T * qd, *act = gu + T * 2 * m->inter;
@@ -99,8 +100,8 @@ void nld_decoder_pass(const Decoder* m, float* x, int64_t T, const float* cos_q,
             memcpy(kc + slot * kd, k + r * kd, sizeof(float) * kd);
             memcpy(vc + slot * kd, v + r * qkv_n, sizeof(float) * kd);
         }
-        m->attention(q, k, v, kc, vc, attn, m->hq * d, kd, qkv_n, seg_q_start, seg_q_len, seg_ctx, seg_causal, tables,
-                     table_stride, num_segs, m->hq, m->hkv, d, m->page_size, m->scale, threads);
+        m->attention(q, k, v, kc, vc, attn, m->hq * d, kd, qkv_n, seg_q_start, seg_q_len, seg_ctx, seg_causal,
+                     seg_sub_block, tables, table_stride, num_segs, m->hq, m->hkv, d, m->page_size, m->scale, threads);
         project(m, l, 1, m->o[l], attn, h, T, H, qd, threads);
         m->add_rms_norm(h, res, m->norm2[l], h, res, T, H, m->eps, 0, threads);
         project(m, l, 2, m->gate_up[l], h, gu, T, 2 * m->inter, H, threads);

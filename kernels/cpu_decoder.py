@@ -47,7 +47,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.nld_decoder_scratch.argtypes = [_P, ctypes.c_int64]
     lib.nld_decoder_scratch.restype = ctypes.c_int64
-    lib.nld_decoder_pass.argtypes = ([_P, _P, ctypes.c_int64] + [_P] * 6 + [ctypes.c_int64] + [_P] * 5
+    lib.nld_decoder_pass.argtypes = ([_P, _P, ctypes.c_int64] + [_P] * 6 + [ctypes.c_int64] + [_P] * 6
                                      + [ctypes.c_int64] * 2 + [_P] * 2 + [ctypes.c_int])
     lib.nld_decoder_pass.restype = None
     return lib
@@ -136,6 +136,7 @@ class DecoderPass:
             model, x.data_ptr(), t, cos_q.data_ptr(), sin_q.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             write_rows.data_ptr(), write_slots.data_ptr(), write_rows.shape[0],
             segments.q_start.data_ptr(), segments.q_len.data_ptr(), segments.ctx.data_ptr(),
-            segments.causal.data_ptr(), segments.tables.data_ptr(), segments.tables.shape[1], segments.num_segs,
+            segments.causal.data_ptr(), None if segments.sub_block is None else segments.sub_block.data_ptr(),
+            segments.tables.data_ptr(), segments.tables.shape[1], segments.num_segs,
             scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out

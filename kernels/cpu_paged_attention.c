@@ -12,7 +12,12 @@
  * Visibility (the attention contract): every query sees the ctx cached keys, then the
  * segment's own keys up to and including its position (causal) or all of them
  * (bidirectional). So query row r sees a prefix of the key order of length
- * n_r = ctx + (causal ? i + 1 : L), and no mask is materialised.
+ * n_r = ctx + (causal ? i + 1 : L), and no mask is materialised. A segment with a sub-block
+ * width W > 0 (seg_sub_block, may be NULL: none) has the quadratic self-speculation mask
+ * instead (kernels/reference.py, segment_mask): its rows are sub-blocks of W, row 0 of each a
+ * head; row i sees the head of every sub-block up to its own and, if it is not a head, every
+ * row of its own sub-block. Its rows walk all ctx + L keys, the hidden ones scored -inf (their
+ * weights are then exactly 0).
  *
  * A query row's result depends only on its query and the n_r keys and values it sees, not on
  * L or on the other rows: scores and value sums are computed per key in the same order and
@@ -99,6 +104,7 @@ typedef struct {
     int64_t q_stride, k_stride, v_stride;
     const int64_t *seg_q_start, *seg_q_len, *seg_ctx, *tables; /* tables: [S, table_stride] page ids */
     const uint8_t* seg_causal;
+    const int64_t* seg_sub_block; /* NULL, or per segment: > 0 = the quadratic mask's width */
     int64_t table_stride, hq, hkv, d, page_size, page_shift;
     float scale;
 } Args;
@@ -156,6 +162,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     const int64_t L = a->seg_q_len[s], ctx = a->seg_ctx[s], q0 = a->seg_q_start[s], d = a->d;
     const int64_t G = a->hq / a->hkv, per_token = nh * G, R = L * per_token, N = ctx + L, width = nh * d;
     const int causal = a->seg_causal[s];
+    const int64_t W = a->seg_sub_block != NULL ? a->seg_sub_block[s] : 0;
     const int64_t* pages = a->tables + s * a->table_stride;
     float* qf = (float*)malloc(sizeof(float) * (2 * R * d + KEY_BLOCK * width + R * N));
     int64_t* visible = (int64_t*)malloc(sizeof(int64_t) * R);
@@ -170,7 +177,7 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
     for (int64_t r = 0; r < R; r++) {
         const int64_t i = r / per_token, c = r % per_token;
         widen(elem(a->q, (q0 + i) * a->q_stride + (h0 * G + c) * d, bf16), qf + r * d, d, bf16);
-        visible[r] = ctx + (causal ? i + 1 : L);
+        visible[r] = W > 0 ? N : ctx + (causal ? i + 1 : L);
     }
     int64_t j = 0;
 #if defined(__AVX512F__)
@@ -203,6 +210,12 @@ static inline __attribute__((always_inline)) void task(const Args* a, int64_t s,
         for (int64_t r = 0; r < R; r++)
             if (j < visible[r]) scores[r * N + j] = dot(qf + r * d, row + (r % per_token) / G * d, d) * a->scale;
     }
+    if (W > 0) /* the quadratic mask: the segment's keys row r does not see score -inf */
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t i = r / per_token;
+            for (int64_t u = 0; u < L; u++)
+                if (!((u % W == 0 && u / W <= i / W) || (i % W != 0 && u / W == i / W))) scores[r * N + ctx + u] = -INFINITY;
+        }
     for (int64_t r = 0; r < R; r++) {
         float m = -INFINITY, sum = 0.f;
         float* sr = scores + r * N;
@@ -266,17 +279,18 @@ static void run(const Args* a, int64_t num_segs, int threads, int bf16) {
 /* q [T, Hq, D], k/v [T, Hkv, D] (token strides given, heads contiguous), kc/vc [rows, Hkv, D],
  * out [T, Hq, D] contiguous; segments s = 0..num_segs-1 own query rows
  * seg_q_start[s] .. + seg_q_len[s], have seg_ctx[s] cached tokens in pages tables[s, :]
- * (page_size a power of two). Rows of out outside the segments are not written. */
+ * (page_size a power of two) and are causal, bidirectional or (seg_sub_block[s] > 0, when
+ * seg_sub_block is not NULL) quadratic. Rows of out outside the segments are not written. */
 #define ENTRY(NAME, BF16)                                                                                          \
     void NAME(const void* q, const void* k, const void* v, const void* kc, const void* vc, void* out,             \
               int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* seg_q_start,                    \
-              const int64_t* seg_q_len, const int64_t* seg_ctx, const uint8_t* seg_causal, const int64_t* tables, \
-              int64_t table_stride, int64_t num_segs, int64_t hq, int64_t hkv, int64_t d, int64_t page_size,       \
-              float scale, int threads) {                                                                          \
+              const int64_t* seg_q_len, const int64_t* seg_ctx, const uint8_t* seg_causal,                         \
+              const int64_t* seg_sub_block, const int64_t* tables, int64_t table_stride, int64_t num_segs,         \
+              int64_t hq, int64_t hkv, int64_t d, int64_t page_size, float scale, int threads) {                   \
         int64_t shift = 0;                                                                                         \
         while (((int64_t)1 << shift) < page_size) shift++;                                                         \
         Args a = {q, k, v, kc, vc, out, q_stride, k_stride, v_stride, seg_q_start, seg_q_len, seg_ctx, tables,    \
-                  seg_causal, table_stride, hq, hkv, d, page_size, shift, scale};                                  \
+                  seg_causal, seg_sub_block, table_stride, hq, hkv, d, page_size, shift, scale};                   \
         run(&a, num_segs, threads, BF16);                                                                          \
     }
 ENTRY(nld_paged_attention_bf16, 1)

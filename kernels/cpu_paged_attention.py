@@ -1,4 +1,4 @@
-"""Short-segment attention over the paged cache on the CPU, through ``kernels/cpu_paged_attention.c``
+"""Segment attention over the paged cache on the CPU, through ``kernels/cpu_paged_attention.c``
 (see its header): no gathered copies of the cached keys and values, exact fp32 softmax.
 
 ``SegmentPlan`` holds a step's segments (built once per forward pass); ``attend`` runs one
@@ -32,7 +32,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in _FUNCTIONS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [p] * 6 + [i64] * 3 + [p] * 5 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [p] * 6 + [i64] * 3 + [p] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -50,10 +50,14 @@ def takes(dtype: torch.dtype, page_size: int) -> bool:
 
 class SegmentPlan:
     """Segments ``s``: query rows ``q_start[s] .. q_start[s] + q_len[s]`` of the pass, after
-    ``ctx[s]`` cached tokens in pages ``tables[s]``, causal or bidirectional among themselves."""
+    ``ctx[s]`` cached tokens in pages ``tables[s]``, causal or bidirectional among themselves,
+    or with the quadratic mask of sub-blocks of ``sub_block[s]`` rows where that is > 0
+    (``sub_block`` None: none)."""
+
+    sub_block: torch.Tensor | None = None
 
     def __init__(self, q_start: list[int], q_len: list[int], ctx: list[int], causal: list[bool],
-                 tables: list[list[int]]) -> None:
+                 tables: list[list[int]], sub_block: list[int] | None = None) -> None:
         assert len(q_start) == len(q_len) == len(ctx) == len(causal) == len(tables) > 0
         width = max(1, max(len(t) for t in tables))
         self.num_segs = len(q_start)
@@ -63,10 +67,12 @@ class SegmentPlan:
         self.causal = torch.tensor(causal, dtype=torch.uint8)
         self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
         self.rows = sum(q_len)
+        if sub_block is not None and any(sub_block):
+            self.sub_block = torch.tensor(sub_block, dtype=torch.int64)
 
     @classmethod
     def of_tensors(cls, q_start: torch.Tensor, q_len: torch.Tensor, ctx: torch.Tensor, causal: torch.Tensor,
-                   tables: torch.Tensor, rows: int) -> "SegmentPlan":
+                   tables: torch.Tensor, rows: int, sub_block: torch.Tensor | None = None) -> "SegmentPlan":
         """The plan from tensors already laid out as above (int64, ``causal`` uint8, ``tables``
         ``[S, width]``, all contiguous) and its row count: no list conversions."""
         assert q_start.dtype == q_len.dtype == ctx.dtype == tables.dtype == torch.int64 and causal.dtype == torch.uint8
@@ -74,6 +80,9 @@ class SegmentPlan:
         plan = cls.__new__(cls)
         plan.num_segs, plan.q_start, plan.q_len, plan.ctx = q_start.shape[0], q_start, q_len, ctx
         plan.causal, plan.tables, plan.rows = causal, tables, rows
+        if sub_block is not None:
+            assert sub_block.dtype == torch.int64 and sub_block.shape == q_start.shape
+            plan.sub_block = sub_block
         return plan
 
 
@@ -98,5 +107,6 @@ def attend(plan: SegmentPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         q.stride(0), k.stride(0), v.stride(0),
         plan.q_start.data_ptr(), plan.q_len.data_ptr(), plan.ctx.data_ptr(), plan.causal.data_ptr(),
+        None if plan.sub_block is None else plan.sub_block.data_ptr(),
         plan.tables.data_ptr(), plan.tables.shape[1], plan.num_segs, hq, hkv, d, page_size,
         scale, torch.get_num_threads())

@@ -5,9 +5,8 @@ its kernels (one to two thirds on SmolLM2-135M, by batch). The runner sends a pa
 
 * the model runs fp32 on the fused path with every projection packed as ``kernels.cpu_sgemm``
   panels (the CPU default; not bf16, not a compiled decoder), and the C kernels are built;
-* the pass has at most ``MAX_ROWS`` rows, no quadratic self-speculation segments (the C
-  attention knows the causal and bidirectional rules only), no draft-adapter rows and no image
-  features.
+* the pass has at most ``MAX_ROWS`` rows, no draft-adapter rows and no image features
+  (causal, bidirectional and quadratic self-speculation segments all attend in the C kernel).
 
 Everything else runs the eager fused path, which uses the same kernels. Embeddings and rotary
 tables are computed here with the model's own modules; the C side does the layers and the
@@ -71,7 +70,7 @@ class CpuDecoderPass:
     @staticmethod
     def takes(hb: HostBatch) -> bool:
         """Whether ``hb`` runs here (the runner also keeps adapter rows and images eager)."""
-        return 0 < hb.num_tokens <= MAX_ROWS and not any(hb.mask_block)
+        return 0 < hb.num_tokens <= MAX_ROWS
 
     def __call__(self, hb: HostBatch) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored).
@@ -80,14 +79,16 @@ class CpuDecoderPass:
         write_rows = [row for row, slot in enumerate(hb.slots) if slot >= 0]
         width = max(1, max(len(pages) for pages in hb.tables))
         # every int64 input in one tensor (one conversion from Python lists), then views
+        quadratic = any(hb.mask_block)
         ints = torch.tensor(
             hb.input_ids + hb.positions + write_rows + [hb.slots[row] for row in write_rows]
-            + hb.query_start_loc[:-1] + hb.query_lens + hb.context_lens
+            + hb.query_start_loc[:-1] + hb.query_lens + hb.context_lens + (hb.mask_block if quadratic else [])
             + [p for pages in hb.tables for p in pages + [0] * (width - len(pages))], dtype=torch.int64)
-        w = len(write_rows)
-        ids, positions, rows, slots, q_start, q_len, ctx, tables = ints.split([t, t, w, w, segs, segs, segs, segs * width])
+        w, q = len(write_rows), segs if quadratic else 0
+        ids, positions, rows, slots, q_start, q_len, ctx, sub_block, tables = ints.split(
+            [t, t, w, w, segs, segs, segs, q, segs * width])
         segments = SegmentPlan.of_tensors(q_start, q_len, ctx, torch.tensor(hb.causal, dtype=torch.uint8),
-                                          tables.view(segs, width), t)
+                                          tables.view(segs, width), t, sub_block if quadratic else None)
         x = F.embedding(ids, self.model.embed_tokens.weight)
         rope = self._rope_rows(positions, max(hb.positions))
         return self.decoder(x, *rope, rows, slots, segments)

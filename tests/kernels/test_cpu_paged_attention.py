@@ -150,3 +150,45 @@ def test_a_rows_result_does_not_depend_on_its_segments_length_avx2(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NLD_KERNEL_CACHE", str(tmp_path))
     _segment_rows_alone(cpu_paged_attention._bind(build_for_isa(cpu_paged_attention.SOURCE, "avx2")), 4, 16, (3, 17))
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quadratic_segments_against_float64(seed: int, d: int, dtype: torch.dtype) -> None:
+    """Segments with the quadratic self-speculation mask (kernels.reference.segment_mask), next
+    to causal and bidirectional ones, against float64 attention under that mask."""
+    from kernels.reference import segment_mask
+
+    g = torch.Generator().manual_seed(seed)
+    num_pages, page_size, hkv, group = 64, 4, 2, 3
+    kc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    # (ctx, L, causal, sub_block): quadratic of widths 2-4 (over 20 keys: a partial key block)
+    specs = [(7, 9, False, 3), (0, 4, True, 0), (13, 12, False, 4), (3, 6, False, 2), (18, 1, True, 0)]
+    tables, q_start, t = [], [], 0
+    for i, (c, n, _, _) in enumerate(specs):
+        tables.append(list(range(i * 12, i * 12 + -(-c // page_size))))
+        q_start.append(t)
+        t += n
+    q = torch.randn(t, hkv * group, d, generator=g).to(dtype)
+    k, v = torch.randn(t, hkv, d, generator=g).to(dtype), torch.randn(t, hkv, d, generator=g).to(dtype)
+    scale = 1 / math.sqrt(d)
+    want = torch.zeros(t, hkv * group, d, dtype=torch.float64)
+    for s, (c, n, causal, w) in enumerate(specs):
+        rows = [tables[s][j // page_size] * page_size + j % page_size for j in range(c)]
+        keys = torch.cat([kc.reshape(-1, hkv, d)[rows], k[q_start[s] : q_start[s] + n]]).double()
+        vals = torch.cat([vc.reshape(-1, hkv, d)[rows], v[q_start[s] : q_start[s] + n]]).double()
+        inside = segment_mask(n, causal, w, torch.device("cpu"))
+        for i in range(n):
+            seen = torch.cat([torch.ones(c, dtype=torch.bool), inside[i]])
+            for head in range(hkv * group):
+                w_ = torch.softmax(keys[seen, head // group] @ q[q_start[s] + i, head].double() * scale, dim=0)
+                want[q_start[s] + i, head] = w_ @ vals[seen, head // group]
+    plan = cpu_paged_attention.SegmentPlan(q_start, [n for _, n, _, _ in specs], [c for c, _, _, _ in specs],
+                                           [causal for _, _, causal, _ in specs], tables, [w for *_, w in specs])
+    out = torch.empty_like(q)
+    cpu_paged_attention.attend(plan, q, k, v, kc, vc, out, scale)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
