@@ -23,7 +23,7 @@ from kernels.cpu_paged_attention import SegmentPlan
 from kernels.cpu_sgemm import PanelWeight
 
 SOURCE = Path(__file__).with_name("cpu_decoder.c")
-# switched off by benchmarks (interleaved A/B) and tests (the eager fused path as the reference)
+# False: not available, so no model binds it (the eager fused path runs)
 enabled = True
 
 _P = ctypes.c_void_p

@@ -205,8 +205,11 @@ def test_draft_adapter_rows_run_eagerly(monkeypatch: pytest.MonkeyPatch) -> None
     assert calls["n"] == 1, "the adapter's rows need the eager model"
 
 
-def test_models_it_does_not_take() -> None:
+def test_models_it_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _engine().runner.cpu_pass is not None or not cpu_decoder.available()
+    with monkeypatch.context() as switched:
+        switched.setattr(cpu_decoder, "enabled", False)
+        assert _engine().runner.cpu_pass is None
     bf16 = make_engine(model_for.__wrapped__(3).to(torch.bfloat16))
     assert bf16.runner.cpu_pass is None, "bf16 weights have no fp32 panels"
     # hidden 48: projections whose widths are not whole panel pairs keep oneDNN's layout
