@@ -13,6 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from server.engine.request import Request
+from server.engine.work import PREFILL, Work
+
+
+def recurring_tokens(req: Request, work: Work) -> int:
+    """The tokens ``req`` will put in the next pass if its plan does not change, after
+    ``work`` ran: a prefill that completed the prompt is followed by one-token steps (1); a
+    prefill chunk, a decode step or a cycle's pass repeats its length. (The load a plan adds
+    to is the next pass's: a batch's prompts finishing together made a large pass that does
+    not recur, and counting it made drafting look nearly free.)"""
+    if work.kind is PREFILL and req.num_computed >= req.num_prompt:
+        return 1
+    return len(work)
+
 
 @dataclass
 class PassTimeModel:
@@ -22,8 +36,8 @@ class PassTimeModel:
     prior_per_token_s: float = 0.0005
     decay: float = 0.2  # weight of a new measurement in its bucket's average
     buckets: dict[int, float] = field(default_factory=dict)  # bucket's token count -> seconds
-    load_tokens: int = 0  # tokens of the last scheduled batch
-    load_requests: int = 0  # requests in it
+    load_tokens: int = 0  # tokens the last batch's staying requests put in the next pass (recurring_tokens)
+    load_requests: int = 0  # those requests
     emitted_per_request: float = 1.0  # average (EWMA) of the tokens a request emitted per step
 
     @staticmethod
@@ -39,12 +53,15 @@ class PassTimeModel:
         old = self.buckets.get(b)
         self.buckets[b] = est if old is None else (1 - self.decay) * old + self.decay * est
 
-    def set_load(self, num_tokens: int, num_requests: int, emitted: int | None = None) -> None:
-        """The last step's batch: its tokens, its requests and (when given) the tokens they
-        emitted, folded into ``emitted_per_request``."""
+    def set_load(self, num_tokens: int, num_requests: int, emitted: int | None = None,
+                 emitters: int | None = None) -> None:
+        """The next step's expected load: ``num_tokens`` from ``num_requests`` requests; and
+        (when given) the tokens the last step's ``emitters`` requests (default
+        ``num_requests``) emitted, folded into ``emitted_per_request``."""
         self.load_tokens, self.load_requests = num_tokens, num_requests
-        if emitted is not None and num_requests > 0:
-            rate = emitted / num_requests
+        emitters = num_requests if emitters is None else emitters
+        if emitted is not None and emitters > 0:
+            rate = emitted / emitters
             self.emitted_per_request = (1 - self.decay) * self.emitted_per_request + self.decay * rate
 
     def _slope(self) -> float:

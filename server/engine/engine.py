@@ -21,7 +21,7 @@ from server.engine.client import QueueFullError
 from server.engine.cpu_threads import configure_cpu_threads
 from server.engine.grammar import GrammarCompiler
 from server.engine.images import ImageSpan, locate_images
-from server.engine.cost_model import CostModel
+from server.engine.cost_model import CostModel, recurring_tokens
 from server.engine.kv_cache import KVCacheManager
 from server.engine.metrics_sink import MetricsSink, NullMetrics
 from server.engine.modes import get_mode, load_model_defaults, resolve_decode, work_kind_names
@@ -319,7 +319,10 @@ class LLMEngine:
         if batch:  # the whole step, scheduling and bookkeeping included: what a step costs mode=auto
             self.cost_model.pass_time.observe(num_tokens, time.perf_counter() - t_step)
         emitted = max(0, sum(len(req.token_ids) for req, _ in batch) - before)
-        self.cost_model.pass_time.set_load(num_tokens, len(batch), emitted)  # what the next step's choices see
+        staying = [(req, work) for req, work in batch if not req.is_finished]
+        # what the next step's choices see: the load that recurs, not this step's prefills
+        self.cost_model.pass_time.set_load(sum(recurring_tokens(req, work) for req, work in staying), len(staying),
+                                           emitted, len(batch))
         self.last_step_duration = time.time() - t0
         self._report_vision()
         self._report_gauges()

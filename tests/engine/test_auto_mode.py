@@ -169,6 +169,21 @@ def test_own_prefill_is_not_counted_as_load() -> None:
     assert set(out["stats"].passes_by_decoder) == {"ar"}, out["stats"].passes_by_decoder
 
 
+def test_others_prefills_are_not_counted_as_load() -> None:
+    """Eight 24-token prompts prefilled in one pass: that 192-token pass does not recur, so the
+    next step's choices see eight one-token decode rows, not 168 other tokens that would make a
+    20-token quadratic cycle look nearly free. Compute-bound device, acceptance known to be
+    high: (1 + 7) / T(8) beats (E(3) + 7) / T(27), so every request stays on AR."""
+    model = _with_lora(3)
+    prompts = [(p * 24)[:24] for p in _prompts(5, 8)]
+    eng = make_engine(model)
+    eng.cost_model.pass_time = LinearTime(fixed=1.0, per_token=1.0)
+    for variant in ("linear", "quadratic"):
+        eng.cost_model.acceptance[variant] = AcceptanceEstimate(prior_rate=0.9, prior=1e9)
+    outs = eng.generate(prompts, AUTO)
+    assert all(set(o["stats"].passes_by_decoder) == {"ar"} for o in outs), [o["stats"].passes_by_decoder for o in outs]
+
+
 def _prompts(seed: int, n: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(n)]

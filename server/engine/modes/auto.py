@@ -10,9 +10,10 @@ is scored by the batch's expected emission rate over the pass time it implies:
 E(d) / 2, two passes per cycle; quadratic: E(d)), ``n_p`` the tokens it adds to every pass
 (ar: 1; linear: d + 1; quadratic: (d + 1)(d + 2)), E(d) the expected accepted prefix plus
 bonus from the request's observed acceptance (prior: every request's), ``T`` the measured
-pass time (``server.engine.cost_model``), ``base`` the tokens the rest of the batch put into
-the last pass and ``others`` the tokens per step the rest of the batch emits (the measured
-average per request, times the other requests). Counting others at what they really emit
+pass time (``server.engine.cost_model``), ``base`` the tokens the rest of the batch will put
+into the next pass (``cost_model.recurring_tokens``: a prompt prefilled in the last pass
+counts one token) and ``others`` the tokens per step the rest of the batch emits (the
+measured average per request, times the other requests). Counting others at what they really emit
 matters when they speculate too: their tokens are then worth more, and the extra tokens of
 this request's plan slow them down; scored at one each, every request of a busy batch on a
 compute-bound device would keep drafting, each choice right for itself and the batch slower
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from server.engine.cost_model import AcceptanceEstimate, CostModel
+from server.engine.cost_model import AcceptanceEstimate, CostModel, recurring_tokens
 from server.engine.kv_cache import KVCacheManager
 from server.engine.modes.ar import AutoregressiveMode
 from server.engine.modes.base import DecodeMode, mode_state, refuse_sequence_controls
@@ -88,7 +89,7 @@ class AutoParams(ModeParams):
 class AutoState(SpecState):
     plan: Plan = AR_PLAN
     mid_cycle: bool = False  # a linear draft ran; its verify must follow
-    last_pass_tokens: int = 0  # this request's share of the last pass (its prefill, a cycle...)
+    last_pass_tokens: int = 0  # this request's share of the next pass's load (cost_model.recurring_tokens)
     acceptance: dict[str, AcceptanceEstimate] = field(default_factory=dict)
 
 
@@ -200,7 +201,7 @@ class AutoMode(DecodeMode):
         st = self._state(req)
         self._inner(work).apply(req, work, results, logits)
         st.mid_cycle = work.kind is DRAFT
-        st.last_pass_tokens = len(work)
+        st.last_pass_tokens = recurring_tokens(req, work)  # its share of the load the engine reports
         if work.kind in (VERIFY, SPEC_CYCLE) and st.plan.variant is not None:
             drafts = len(work.written_rows()) - 1
             accepted = req.stats.acceptance_lengths[-1] - 1
