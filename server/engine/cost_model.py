@@ -39,6 +39,9 @@ class PassTimeModel:
     load_tokens: int = 0  # tokens the last batch's staying requests put in the next pass (recurring_tokens)
     load_requests: int = 0  # those requests
     emitted_per_request: float = 1.0  # average (EWMA) of the tokens a request emitted per step
+    # the buckets, sorted and capped as ``time`` reads them; rebuilt after ``observe`` (the only
+    # writer of ``buckets``), not on each of the many ``time`` calls a step's choices make
+    _curve: list[tuple[int, float]] | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -52,6 +55,7 @@ class PassTimeModel:
         est = seconds + self._slope() * (b - num_tokens)
         old = self.buckets.get(b)
         self.buckets[b] = est if old is None else (1 - self.decay) * old + self.decay * est
+        self._curve = None
 
     def set_load(self, num_tokens: int, num_requests: int, emitted: int | None = None,
                  emitters: int | None = None) -> None:
@@ -76,9 +80,12 @@ class PassTimeModel:
         counts as slower than a larger measured one: a rarely used bucket can keep a sample
         from a slow spell of the machine (43 ms for 16 tokens next to 14 ms for 32, seen on a
         shared VM), and a pass of fewer tokens does not really take longer."""
-        pts = sorted(self.buckets.items())
-        for i in range(len(pts) - 2, -1, -1):
-            pts[i] = (pts[i][0], min(pts[i][1], pts[i + 1][1]))
+        if self._curve is None:
+            pts = sorted(self.buckets.items())
+            for i in range(len(pts) - 2, -1, -1):
+                pts[i] = (pts[i][0], min(pts[i][1], pts[i + 1][1]))
+            self._curve = pts
+        pts = self._curve
         if not pts:
             return self.prior_fixed_s + self.prior_per_token_s * n
         if n <= pts[0][0]:
