@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --ab: also time serving this many new tokens per mode, with and without")
     p.add_argument("--rounds", type=int, default=3, help="--generate's interleaved rounds")
     p.add_argument("--ab", choices=["gemv", "attention", "amx", "sgemm", "elementwise", "packed", "decoder", "bf16w",
-                                    "whole"],
+                                    "whole", "pairs"],
                    default=None,
                    help="interleave passes with and without one C kernel (kernels.cpu_gemv: few-row "
                         "projections; kernels.cpu_paged_attention: short-segment attention; kernels.cpu_amx: "
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                         "RMSNorm, rotary, silu * up; packed: the prepacked weight copies against none; decoder: the "
                         "whole-pass C path, kernels.cpu_decoder, against the eager fused path, at any pass size; bf16w: "
                         "bf16 panels of a bf16 checkpoint's fp32 weights against fp32 panels; whole: both of these "
-                        "against neither) "
+                        "against neither; pairs (with --dtype bfloat16): the bf16 pair panels and the whole-pass "
+                        "path against oneDNN's packed bf16 GEMM on the eager path) "
                         "and print both")
     args = p.parse_args(argv)
 
@@ -173,16 +174,18 @@ def _ab_kernel(engine, reqs, kinds, args) -> int:  # type: ignore[no-untyped-def
     from server.engine import cpu_decoder_pass
 
     max_rows = cpu_decoder_pass.MAX_ROWS
-    if args.ab in ("amx", "sgemm", "packed", "bf16w", "whole"):
+    if args.ab in ("amx", "sgemm", "packed", "bf16w", "whole", "pairs"):
         from server.engine.cpu_decoder_pass import CpuDecoderPass
 
         print(f"kernels.cpu_amx available: {cpu_amx.available()}, kernels.cpu_sgemm: {cpu_sgemm.available()}")
-        use_packs = _pack_switch(engine.model, "bf16w" if args.ab == "whole" else args.ab)
+        if args.ab == "pairs" and not cpu_sgemm.pairs_available():
+            print("no AVX512-BF16 pair kernel here: both sides run the same path")
+        use_packs = _pack_switch(engine.model, {"whole": "bf16w", "pairs": "sgemm"}.get(args.ab, args.ab))
         # the whole-pass path binds the packed weights it was made with: one per set
         whole_pass = {}
         for on in (True, False):
             use_packs(on)
-            whole_pass[on] = None if engine.runner.cpu_pass is None or (args.ab == "whole" and not on) \
+            whole_pass[on] = None if engine.runner.cpu_pass is None or (args.ab in ("whole", "pairs") and not on) \
                 else CpuDecoderPass.for_model(engine.model, engine.runner.kv)
 
         def use(on: bool) -> None:

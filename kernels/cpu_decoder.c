@@ -1,4 +1,4 @@
-/* One forward pass of the fused fp32 decoder on the CPU in one call.
+/* One forward pass of the fused decoder on the CPU in one call, fp32 or bf16.
  *
  * On a small model a decode step's arithmetic takes less time than the Python around it: the
  * eager fused path makes about ten kernel calls per layer (RMSNorm, QKV projection, rotary,
@@ -22,6 +22,10 @@
  * pass whose segments are all single rows); longer segments attend here in the C kernel
  * where the eager path uses SDPA, equal up to summation order.
  *
+ * A bf16 model (act_bf16) keeps every activation in bf16, as the eager path's bf16 tensors do;
+ * its projections are bf16 pair panels (nld_gemm_bf16: fp32 sums, one rounding per output)
+ * and its caches bf16. The other kernels take the same bf16 flag as on the eager path.
+ *
  * Every kernel here computes a row on its own (the projections' FMA chains, the per-row
  * norms and rotary, the attention's per-row sums), so a row's hidden state does not depend on
  * the other rows of the pass: a causal verify row equals the decode step at its position.
@@ -30,6 +34,8 @@
 #include <string.h>
 
 typedef void (*sgemm_fn)(const float* x, const void* packed, float* y, int64_t M, int64_t N, int64_t K, int threads);
+typedef void (*gemm_bf16_fn)(const uint16_t* x, const uint16_t* pairs, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                             int threads);
 typedef void (*norm_fn)(const void* x, const void* res, const void* w, void* y, void* sum_out, int64_t rows, int64_t d,
                         float eps, int bf16, int threads);
 typedef void (*rotary_fn)(const void* q, int64_t q_stride, const void* k, int64_t k_stride, void* q_out, void* k_out,
@@ -44,10 +50,13 @@ typedef void (*attention_fn)(const void* q, const void* k, const void* v, const 
                              int threads);
 
 /* The model, set up once (kernels/cpu_decoder.py keeps the tensors alive). Per-layer
- * arrays hold one pointer per layer; weights are kernels/cpu_sgemm.c panels, fp32 or bf16:
- * bf16[4 l + j] says which for layer l's projection j (qkv, o, gate_up, down). */
+ * arrays hold one pointer per layer; weights are kernels/cpu_sgemm.c panels: with fp32
+ * activations fp32 or bf16 panels, bf16[4 l + j] saying which for layer l's projection j (qkv,
+ * o, gate_up, down); with bf16 activations (act_bf16) pair panels. */
 typedef struct {
     sgemm_fn sgemm, sgemm_bf16w;
+    gemm_bf16_fn gemm_bf16;
+    int64_t act_bf16;
     norm_fn add_rms_norm;
     rotary_fn rotary_qk;
     silu_fn silu_mul;
@@ -58,55 +67,60 @@ typedef struct {
     const void *const *qkv, *const *o, *const *gate_up, *const *down;
     const uint8_t* bf16;
     const float* final_norm;
-    float *const *k_cache, *const *v_cache; /* per layer: [rows, hkv, d] */
+    void *const *k_cache, *const *v_cache; /* per layer: [rows, hkv, d] in the activations' dtype */
 } Decoder;
 
 /* y [M, N] = x [M, K] @ W^T for layer l's projection j (its panels w) */
-static void project(const Decoder* m, int64_t l, int j, const void* w, const float* x, float* y, int64_t M, int64_t N,
+static void project(const Decoder* m, int64_t l, int j, const void* w, const void* x, void* y, int64_t M, int64_t N,
                     int64_t K, int threads) {
-    (m->bf16[4 * l + j] ? m->sgemm_bf16w : m->sgemm)(x, w, y, M, N, K, threads);
+    if (m->act_bf16) m->gemm_bf16(x, w, y, M, N, K, threads);
+    else (m->bf16[4 * l + j] ? m->sgemm_bf16w : m->sgemm)(x, w, y, M, N, K, threads);
 }
 
-/* Floats of scratch a pass of T rows needs (see the layout in nld_decoder_pass). */
+/* Elements (of the activations' dtype) of scratch a pass of T rows needs (see the layout
+ * in nld_decoder_pass). */
 int64_t nld_decoder_scratch(const Decoder* m, int64_t T) {
     const int64_t qkv = (m->hq + 2 * m->hkv) * m->d;
     return T * (2 * m->hidden + qkv + (m->hq + m->hkv) * m->d + m->hq * m->d + 3 * m->inter);
 }
 
-/* x [T, hidden]: the embeddings, overwritten; out [T, hidden]; rope tables [T, d]; the rows
+/* x [T, hidden]: the embeddings, overwritten; out [T, hidden] (both in the activations'
+ * dtype); rope tables [T, d] fp32; the rows
  * write_rows[i] store their K/V at cache row write_slots[i]; segments as in
  * kernels/cpu_paged_attention.c; scratch of nld_decoder_scratch(m, T) floats. */
-void nld_decoder_pass(const Decoder* m, float* x, int64_t T, const float* cos_q, const float* sin_q, const float* cos,
+void nld_decoder_pass(const Decoder* m, void* x, int64_t T, const float* cos_q, const float* sin_q, const float* cos,
                       const float* sin, const int64_t* write_rows, const int64_t* write_slots, int64_t num_writes,
                       const int64_t* seg_q_start, const int64_t* seg_q_len, const int64_t* seg_ctx,
                       const uint8_t* seg_causal, const int64_t* seg_sub_block, const int64_t* tables,
-                      int64_t table_stride, int64_t num_segs, float* scratch, float* out, int threads) {
+                      int64_t table_stride, int64_t num_segs, void* scratch, void* out, int threads) {
+    const int b = (int)m->act_bf16;
+    const int64_t e = b ? 2 : 4; /* bytes per activation */
     const int64_t H = m->hidden, d = m->d, qd = m->hq * d, kd = m->hkv * d, qkv_n = qd + 2 * kd;
-    float *h = scratch, *res = h + T * H, *qkv = res + T * H, *q = qkv + T * qkv_n, *k = q + T * qd;
-    float *attn = k + T * kd, *gu = attn + T * qd, *act = gu + T * 2 * m->inter;
+    char *h = scratch, *res = h + T * H * e, *qkv = res + T * H * e, *q = qkv + T * qkv_n * e, *k = q + T * qd * e;
+    char *attn = k + T * kd * e, *gu = attn + T * qd * e, *act = gu + T * 2 * m->inter * e;
     for (int64_t l = 0; l < m->layers; l++) {
         if (l == 0) {
-            m->add_rms_norm(x, NULL, m->norm1[0], h, NULL, T, H, m->eps, 0, threads);
-            memcpy(res, x, sizeof(float) * T * H);
+            m->add_rms_norm(x, NULL, m->norm1[0], h, NULL, T, H, m->eps, b, threads);
+            memcpy(res, x, e * T * H);
         } else {
-            m->add_rms_norm(x, res, m->norm1[l], h, res, T, H, m->eps, 0, threads);
+            m->add_rms_norm(x, res, m->norm1[l], h, res, T, H, m->eps, b, threads);
         }
         project(m, l, 0, m->qkv[l], h, qkv, T, qkv_n, H, threads);
-        m->rotary_qk(qkv, qkv_n, qkv + qd, qkv_n, q, k, cos_q, sin_q, cos, sin, T, m->hq, m->hkv, d, 0, threads);
-        const float* v = qkv + qd + kd;
-        float *kc = m->k_cache[l], *vc = m->v_cache[l];
+        m->rotary_qk(qkv, qkv_n, qkv + qd * e, qkv_n, q, k, cos_q, sin_q, cos, sin, T, m->hq, m->hkv, d, b, threads);
+        const char* v = qkv + (qd + kd) * e;
+        char *kc = m->k_cache[l], *vc = m->v_cache[l];
         for (int64_t i = 0; i < num_writes; i++) {
             const int64_t r = write_rows[i], slot = write_slots[i];
-            memcpy(kc + slot * kd, k + r * kd, sizeof(float) * kd);
-            memcpy(vc + slot * kd, v + r * qkv_n, sizeof(float) * kd);
+            memcpy(kc + slot * kd * e, k + r * kd * e, e * kd);
+            memcpy(vc + slot * kd * e, v + r * qkv_n * e, e * kd);
         }
         m->attention(q, k, v, kc, vc, attn, m->hq * d, kd, qkv_n, seg_q_start, seg_q_len, seg_ctx, seg_causal,
                      seg_sub_block, tables, table_stride, num_segs, m->hq, m->hkv, d, m->page_size, m->scale, threads);
         project(m, l, 1, m->o[l], attn, h, T, H, qd, threads);
-        m->add_rms_norm(h, res, m->norm2[l], h, res, T, H, m->eps, 0, threads);
+        m->add_rms_norm(h, res, m->norm2[l], h, res, T, H, m->eps, b, threads);
         project(m, l, 2, m->gate_up[l], h, gu, T, 2 * m->inter, H, threads);
-        m->silu_mul(gu, act, T, m->inter, 0, threads);
+        m->silu_mul(gu, act, T, m->inter, b, threads);
         project(m, l, 3, m->down[l], act, x, T, H, m->inter, threads);
     }
-    m->add_rms_norm(x, res, m->final_norm, out, res, T, H, m->eps, 0, threads);
+    m->add_rms_norm(x, res, m->final_norm, out, res, T, H, m->eps, b, threads);
 }

@@ -8,10 +8,12 @@ own fused path passes tensors it built itself, so on the CPU it calls these inst
 inputs' dtype): one C call per op (``kernels.cpu_elementwise``) where it is built, else
 PyTorch (the rotary written with fewer aten calls).
 
-GEMMs: fp32 weights are repacked once into ``kernels.cpu_sgemm``'s 16-column panels
+GEMMs (each packing replaces the oneDNN copy below): fp32 weights are repacked once into ``kernels.cpu_sgemm``'s 16-column panels
 (``prepack_linear_weight``), which run passes of 1 to ``cpu_sgemm.MAX_ROWS`` rows (at the
 bandwidth at one row like MKL's sgemv, 1.2-2x oneDNN's packed GEMM at 2-64 rows on an AVX-512
-Xeon; each row's result independent of the others). Other dtypes: a pass of at most four rows
+Xeon; each row's result independent of the others); bf16 weights, on a CPU with AVX512-BF16 and
+no AMX, into its pair panels (``cpu_sgemm.pack_pairs``; passes of 1 to ``cpu_sgemm.PAIR_MAX_ROWS``
+rows, 1.3-1.7x oneDNN's packed GEMM at 1-8 rows, level above; rows again independent). Other dtypes: a pass of at most four rows
 (a decode step at batch 1-4, a small block) goes through ``kernels.cpu_gemv``, which streams
 the weights at close to the memory bandwidth. Larger passes of at most ``PACKED_MAX_ROWS``
 rows use a copy of the weight reordered once: on a CPU with AMX-BF16, the tiles of
@@ -46,8 +48,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_mul_reference(gate_up)
 
 
-# a weight reordered once for ``linear``: AMX tiles, fp32 panels, or oneDNN's blocked tensor
-PackedWeight = torch.Tensor | cpu_amx.AmxWeight | cpu_sgemm.PanelWeight
+# a weight reordered once for ``linear``: AMX tiles, fp32 or bf16 pair panels, or oneDNN's blocked tensor
+PackedWeight = torch.Tensor | cpu_amx.AmxWeight | cpu_sgemm.PanelWeight | cpu_sgemm.PairPanelWeight
 
 
 def prepack_linear_weight(weight: torch.Tensor) -> PackedWeight | None:
@@ -56,6 +58,8 @@ def prepack_linear_weight(weight: torch.Tensor) -> PackedWeight | None:
     layout; None where packing cannot run (no oneDNN, a CPU without bf16/fp16 support)."""
     if cpu_amx.packs(weight):
         return cpu_amx.pack(weight)
+    if cpu_sgemm.packs_pairs(weight):
+        return cpu_sgemm.pack_pairs(weight)
     if cpu_sgemm.packs(weight):
         return cpu_sgemm.pack(weight)
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -74,15 +78,16 @@ PACKED_MAX_ROWS = 256
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
     """``x @ weight.T`` (no bias): fp32 panels (``packed``) for at most ``cpu_sgemm.MAX_ROWS``
-    rows; else at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv`` (eager only: a
+    rows, bf16 pair panels for at most ``cpu_sgemm.PAIR_MAX_ROWS``; else at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv`` (eager only: a
     compiled graph keeps its packed GEMMs); else through the ``packed`` copy of ``weight`` when
     given, for at most ``PACKED_MAX_ROWS`` rows."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if isinstance(packed, cpu_sgemm.PanelWeight):
-        # the kernel has no backward and cannot be traced
-        if (rows <= cpu_sgemm.MAX_ROWS and not torch.compiler.is_compiling()
+    if isinstance(packed, (cpu_sgemm.PanelWeight, cpu_sgemm.PairPanelWeight)):
+        # the kernels have no backward and cannot be traced
+        pairs = isinstance(packed, cpu_sgemm.PairPanelWeight)
+        if (rows <= (cpu_sgemm.PAIR_MAX_ROWS if pairs else cpu_sgemm.MAX_ROWS) and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and x.requires_grad)):
-            return cpu_sgemm.linear(x, packed)
+            return cpu_sgemm.linear_pairs(x, packed) if pairs else cpu_sgemm.linear(x, packed)
         return F.linear(x, weight)
     if not torch.compiler.is_compiling() and cpu_gemv.applies(x, weight):
         return cpu_gemv.linear(x, weight)

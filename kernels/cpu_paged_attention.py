@@ -42,6 +42,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def function_name(dtype: torch.dtype) -> str:
+    """The library's entry point for caches and activations of ``dtype`` (fp32 or bf16)."""
+    return _FUNCTIONS[dtype]
+
+
 def takes(dtype: torch.dtype, page_size: int) -> bool:
     """Whether caches and activations of ``dtype`` in pages of ``page_size`` tokens can attend
     here (the kernel walks pages by shift and mask: a power of two)."""
@@ -103,7 +108,7 @@ def attend(plan: SegmentPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = _heads_contiguous(q), _heads_contiguous(k), _heads_contiguous(v)
     hq, d = q.shape[1], q.shape[2]
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    getattr(lib, _FUNCTIONS[q.dtype])(
+    getattr(lib, function_name(q.dtype))(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         q.stride(0), k.stride(0), v.stride(0),
         plan.q_start.data_ptr(), plan.q_len.data_ptr(), plan.ctx.data_ptr(), plan.causal.data_ptr(),

@@ -25,6 +25,7 @@
  * one-row pass is bound by those bytes.
  */
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -137,6 +138,79 @@ void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int
 void nld_sgemm_bf16w(const float* x, const uint16_t* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
     sgemm(x, packed, y, M, N, K, threads, 1);
 }
+
+#if defined(__AVX512BF16__)
+#include "cpu_bf16.h"
+
+/* bf16 activations against bf16 weights (a model served in bf16): VDPBF16PS multiplies
+ * pairs of bf16 values and adds both products to an fp32 lane, twice the multiply-adds per
+ * instruction of an fp32 FMA. The weights are pair panels,
+ *
+ *   pairs[p][k / 2][c][k % 2] = w[16 p + c][k]     (K even)
+ *
+ * so one 64-byte vector holds k and k + 1 of a panel's 16 columns, and each x pair is one
+ * 32-bit broadcast. Each output is one accumulation chain over the pairs in k order from zero,
+ * rounded to bf16 (nearest even) once at the end, so a row's result does not depend on the
+ * other rows of the pass. */
+static inline __attribute__((always_inline)) void pair_tile(const uint16_t* x, const uint16_t* pairs, uint16_t* y,
+                                                             int64_t m0, int R, int64_t p, int64_t N, int64_t K) {
+    const int64_t w0 = p * K * 16, w1 = w0 + K * 16, ahead = 2 * PF_LINES * 16;
+    const uint16_t* xr = x + m0 * K;
+    __m512 acc[MR][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        _mm_prefetch((const char*)(pairs + w0 + k * 16 + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char*)(pairs + w1 + k * 16 + ahead), _MM_HINT_T0);
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(pairs + w0 + k * 16);
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(pairs + w1 + k * 16);
+        for (int r = 0; r < R; r++) {
+            uint32_t pair;
+            memcpy(&pair, xr + r * K + k, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, a);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, b);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 2; v++) {
+            const __m512i bits = round_bf16_bits(_mm512_castps_si512(acc[r][v]));
+            _mm256_storeu_si256((__m256i*)(y + (m0 + r) * N + p * 16 + v * 16),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        }
+}
+
+static inline __attribute__((always_inline)) void pair_tile_rows(const uint16_t* x, const uint16_t* pairs, uint16_t* y,
+                                                                  int64_t m0, int R, int64_t p, int64_t N, int64_t K) {
+    switch (R) {
+#define CASE(n) \
+    case n: pair_tile(x, pairs, y, m0, n, p, N, K); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
+#undef CASE
+        default: break;
+    }
+}
+
+int nld_gemm_bf16_available(void) { return 1; }
+
+/* y [M, N] bf16 = x [M, K] bf16 @ w^T, w as pair panels; N a multiple of 32, K even. */
+void nld_gemm_bf16(const uint16_t* x, const uint16_t* pairs, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                   int threads) {
+    const int64_t chunks = (M + MR - 1) / MR, panel_pairs = N / 32;
+    if (M == 0) return;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t pp = 0; pp < panel_pairs; pp++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t m0 = c * M / chunks, m1 = (c + 1) * M / chunks;
+            pair_tile_rows(x, pairs, y, m0, (int)(m1 - m0), 2 * pp, N, K);
+        }
+}
+#else
+int nld_gemm_bf16_available(void) { return 0; }
+void nld_gemm_bf16(const uint16_t* x, const uint16_t* pairs, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                   int threads) {
+    (void)x, (void)pairs, (void)y, (void)M, (void)N, (void)K, (void)threads;
+}
+#endif
 #else
 int nld_sgemm_available(void) { return 0; }
 void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
@@ -144,5 +218,10 @@ void nld_sgemm_f32(const float* x, const float* packed, float* y, int64_t M, int
 }
 void nld_sgemm_bf16w(const float* x, const uint16_t* packed, float* y, int64_t M, int64_t N, int64_t K, int threads) {
     (void)x, (void)packed, (void)y, (void)M, (void)N, (void)K, (void)threads;
+}
+int nld_gemm_bf16_available(void) { return 0; }
+void nld_gemm_bf16(const uint16_t* x, const uint16_t* pairs, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                   int threads) {
+    (void)x, (void)pairs, (void)y, (void)M, (void)N, (void)K, (void)threads;
 }
 #endif

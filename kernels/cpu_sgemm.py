@@ -10,6 +10,10 @@ packed GEMM.
 does not depend on the other rows of the pass (only the summation order differs from MKL's).
 A weight whose every value is a bf16 number (a bf16 checkpoint served in fp32, like the
 embedded model and the released ones) is packed as bf16: the same results from half the bytes.
+
+A model served in bf16 packs its weights as pair panels (``pack_pairs``, CPUs with AVX512-BF16)
+for ``linear_pairs``: bf16 rows times bf16 weights, two multiply-adds per fp32 lane and
+instruction (VDPBF16PS), fp32 sums rounded to bf16 once; again each row on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ PANEL = 16  # output columns per panel; the kernel walks two panels at a time
 # Above this many rows MKL's GEMM catches up (1.0x at 128 rows, 0.8x at 256: the embedded model's
 # projections on an AVX-512 Xeon, one and two threads).
 MAX_ROWS = 64
+# The bf16 pair kernel keeps level with oneDNN's packed bf16 GEMM up to 128 rows (1.3-1.7x it at
+# 1-8 rows, 1.0x at 64-128, 0.97x at 256: the embedded model's projections, a 2-vCPU AMD EPYC).
+PAIR_MAX_ROWS = 128
 # False: fp32 weights are packed for oneDNN instead (tests, benchmarks); packed ones still run here
 enabled = True
 # False: panels stay fp32 even where every weight is a bf16 value (benchmarks: interleaved A/B)
@@ -48,6 +55,15 @@ class PanelWeight:
         return self.panels.dtype == torch.bfloat16
 
 
+@dataclass(frozen=True)
+class PairPanelWeight:
+    """A ``[n, k]`` bf16 weight as ``panels[p][k // 2][c][k % 2] = w[16 p + c][k]`` (flat, ``n * k``)."""
+
+    panels: torch.Tensor
+    n: int
+    k: int
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     lib = cpu_build.load(SOURCE, "NLD_CPU_SGEMM")
@@ -60,7 +76,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     lib.nld_sgemm_available.argtypes = []
     if not lib.nld_sgemm_available():
         return None
-    for fn in (lib.nld_sgemm_f32, lib.nld_sgemm_bf16w):
+    lib.nld_gemm_bf16_available.restype = ctypes.c_int
+    lib.nld_gemm_bf16_available.argtypes = []
+    for fn in (lib.nld_sgemm_f32, lib.nld_sgemm_bf16w, lib.nld_gemm_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = None
     return lib
@@ -69,6 +87,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernel is built with its vector code."""
     return _library() is not None
+
+
+def pairs_available() -> bool:
+    """Whether the bf16 pair kernel is built (a CPU with AVX512-BF16)."""
+    lib = _library()
+    return lib is not None and bool(lib.nld_gemm_bf16_available())
 
 
 def packs(weight: torch.Tensor) -> bool:
@@ -102,4 +126,31 @@ def linear(x: torch.Tensor, weight: PanelWeight, lib: ctypes.CDLL | None = None)
     kernel = lib.nld_sgemm_bf16w if weight.bf16 else lib.nld_sgemm_f32
     kernel(rows.data_ptr(), weight.panels.data_ptr(), out.data_ptr(), rows.shape[0], weight.n, weight.k,
            torch.get_num_threads())
+    return out.view(*x.shape[:-1], weight.n)
+
+
+def packs_pairs(weight: torch.Tensor) -> bool:
+    """Whether ``pack_pairs(weight)`` applies: a 2-D bf16 CPU weight with ``N % 32 == 0`` and
+    ``K`` even, and the pair kernel built (and ``enabled``)."""
+    return (enabled and weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.shape[0] % (2 * PANEL) == 0 and weight.shape[1] % 2 == 0 and pairs_available())
+
+
+def pack_pairs(weight: torch.Tensor) -> PairPanelWeight:
+    """``weight`` ``[N, K]`` bf16 as pair panels (see ``PairPanelWeight``)."""
+    n, k = weight.shape
+    assert n % (2 * PANEL) == 0 and k % 2 == 0 and weight.dtype == torch.bfloat16, (n, k, weight.dtype)
+    panels = weight.detach().reshape(n // PANEL, PANEL, k // 2, 2).transpose(1, 2).contiguous().reshape(-1)
+    return PairPanelWeight(panels, n, k)
+
+
+def linear_pairs(x: torch.Tensor, weight: PairPanelWeight) -> torch.Tensor:
+    """``x @ W.T`` in bf16 for ``x`` ``[..., K]`` (bf16) and the pair-packed ``W``; callers
+    check ``pairs_available()``."""
+    lib = _library()
+    assert lib is not None and x.dtype == torch.bfloat16 and x.shape[-1] == weight.k, (x.dtype, x.shape, weight.k)
+    rows = x.reshape(-1, weight.k).contiguous()
+    out = torch.empty(rows.shape[0], weight.n, dtype=torch.bfloat16)
+    lib.nld_gemm_bf16(rows.data_ptr(), weight.panels.data_ptr(), out.data_ptr(), rows.shape[0], weight.n, weight.k,
+                      torch.get_num_threads())
     return out.view(*x.shape[:-1], weight.n)

@@ -1,10 +1,11 @@
-"""The CPU's whole-pass path: an fp32 forward pass as one C call (``kernels.cpu_decoder``).
+"""The CPU's whole-pass path: an fp32 or bf16 forward pass as one C call (``kernels.cpu_decoder``).
 
 On the embedded model the Python between a decode step's kernels took longer than the kernels
 (on SmolLM2-135M, with 30 wider layers, about a tenth of a pass). The runner sends a pass here when
 
-* the model runs fp32 on the fused path with every projection packed as ``kernels.cpu_sgemm``
-  panels (the CPU default; not bf16, not a compiled decoder), and the C kernels are built;
+* the model runs on the fused path (not a compiled decoder) with every projection packed as
+  ``kernels.cpu_sgemm`` panels: fp32 (the CPU default) on fp32 or bf16 panels, or bf16 on
+  pair panels (a CPU with AVX512-BF16 and no AMX), and the C kernels are built;
 * the pass has at most ``MAX_ROWS`` rows, no draft-adapter rows and no image features
   (causal, bidirectional and quadratic self-speculation segments all attend in the C kernel).
 
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 
 from kernels import cpu_decoder
 from kernels.cpu_paged_attention import SegmentPlan
-from kernels.cpu_sgemm import PanelWeight
+from kernels.cpu_sgemm import PairPanelWeight, PanelWeight
 from server.engine.batch import HostBatch, KVTensors
 from server.model.model import DecoderModel
 
@@ -48,7 +49,7 @@ class CpuDecoderPass:
             attn, mlp = layer.self_attn, layer.mlp
             assert attn.packed is not None and mlp.packed is not None
             (qkv, o), (gate_up, down) = attn.packed, mlp.packed
-            assert all(isinstance(w, PanelWeight) for w in (qkv, o, gate_up, down))
+            assert all(isinstance(w, (PanelWeight, PairPanelWeight)) for w in (qkv, o, gate_up, down))
             layers.append(cpu_decoder.LayerWeights(layer.input_layernorm.weight.detach(), qkv, o,
                                                    layer.post_attention_layernorm.weight.detach(), gate_up, down))
         self.model = model
@@ -59,11 +60,12 @@ class CpuDecoderPass:
     @classmethod
     def for_model(cls, model: DecoderModel, kv: KVTensors) -> "CpuDecoderPass | None":
         """The whole-pass path for this model, or None where it cannot run."""
-        page_size = kv.k_cache.shape[2]
+        page_size, dtype = kv.k_cache.shape[2], kv.k_cache.dtype
         packed = [p for layer in model.layers for p in (layer.self_attn.packed or (None,)) + (layer.mlp.packed or (None,))]
-        if not (model.fused_kernels and kv.k_cache.device.type == "cpu" and kv.k_cache.dtype == torch.float32
-                and model.norm.weight.dtype == torch.float32 and page_size & (page_size - 1) == 0
-                and packed and all(isinstance(p, PanelWeight) for p in packed) and cpu_decoder.available()):
+        kind = {torch.float32: PanelWeight, torch.bfloat16: PairPanelWeight}.get(dtype)
+        if not (model.fused_kernels and kv.k_cache.device.type == "cpu" and kind is not None
+                and model.norm.weight.dtype == dtype and page_size & (page_size - 1) == 0
+                and packed and all(isinstance(p, kind) for p in packed) and cpu_decoder.available()):
             return None
         return cls(model, kv)
 

@@ -5,8 +5,11 @@
   attention, on ragged batches of every pass kind (prefill, decode, denoise, draft, verify,
   lookahead commit, quadratic self_spec cycle, mixed);
 * decode passes equal the default eager path bit for bit;
-* the runner sends a pass here exactly when it applies (fp32 panels, at most ``MAX_ROWS`` rows,
-  no adapter rows), and the switch and a missing compiler fall back.
+* the runner sends a pass here exactly when it applies (fp32 panels or a bf16 model's pair
+  panels, at most ``MAX_ROWS`` rows, no adapter rows), and the switch and a missing compiler
+  fall back;
+* all of this holds for a model served in bf16 on pair panels too, where a verify row equals
+  the decode step bit for bit and self-speculation at temperature 0 is AR greedy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_decoder, cpu_paged_attention
+from kernels import cpu_amx, cpu_decoder, cpu_paged_attention, cpu_sgemm
 from server.engine import cpu_attention, cpu_decoder_pass
 from server.engine.batch import HostBatch
 from server.engine.modes.diffusion import COMMIT_LOOKAHEAD, DENOISE
@@ -30,17 +33,30 @@ from tests.engine.helpers import make_engine, model_for
 from tests.fixtures.spy import count_calls
 
 needs_kernel = pytest.mark.skipif(not cpu_decoder.available(), reason="no C compiler (or no AVX-512F/AVX2 panels)")
+needs_pairs = pytest.mark.skipif(not (cpu_decoder.available() and cpu_sgemm.pairs_available()),
+                                 reason="no C compiler (or no AVX512-BF16 pair panels)")
+# the weights a test engine serves: fp32; fp32 holding bf16 values (bf16 panels); a bf16 model
+WEIGHTS = [pytest.param("fp32", marks=needs_kernel), pytest.param("bf16_values", marks=needs_kernel),
+           pytest.param("bf16", marks=needs_pairs)]
 
 
-def _engine(seed: int = 3, bf16_values: bool = False, **overrides):  # type: ignore[no-untyped-def]
+def _engine(seed: int = 3, bf16_values: bool = False, bf16: bool = False, **overrides):  # type: ignore[no-untyped-def]
     """An engine on a private copy of the tiny model; ``bf16_values``: its weights rounded to
-    bf16 numbers (as a bf16 checkpoint served in fp32), so that they pack as bf16 panels."""
+    bf16 numbers (as a bf16 checkpoint served in fp32), so that they pack as bf16 panels;
+    ``bf16``: the model served in bf16, on pair panels where the CPU has AVX512-BF16 (AMX tiles,
+    where present, would take the weights first: the caller switches them off)."""
     model = model_for.__wrapped__(seed)  # unfused, unpacked: the rounding below must come before packing
     if bf16_values:
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
-    return make_engine(model, **overrides)
+    return make_engine(model.to(torch.bfloat16) if bf16 else model, **overrides)
+
+
+def _weights_engine(weights: str, monkeypatch: pytest.MonkeyPatch, seed: int = 3):  # type: ignore[no-untyped-def]
+    """``_engine`` for one of ``WEIGHTS``."""
+    monkeypatch.setattr(cpu_amx, "enabled", False)
+    return _engine(seed, bf16_values=weights == "bf16_values", bf16=weights == "bf16")
 
 
 def _requests(engine, rnd: random.Random, lengths: tuple[int, ...] = (11, 23, 5)):  # type: ignore[no-untyped-def]
@@ -102,13 +118,19 @@ def _advance(engine, reqs, works: list[Work]) -> None:  # type: ignore[no-untype
         r.num_computed += len(w.written_rows())
 
 
+@pytest.mark.parametrize("seed,weights", [(0, "fp32"), (1, "fp32"), (0, "bf16_values"),
+                                          pytest.param(0, "bf16", marks=needs_pairs),
+                                          pytest.param(1, "bf16", marks=needs_pairs)])
 @needs_kernel
-@pytest.mark.parametrize("seed,bf16_values", [(0, False), (1, False), (0, True)])
-def test_whole_pass_equals_the_eager_fused_path(seed: int, bf16_values: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = _engine(bf16_values=bf16_values)
-    assert engine.runner.cpu_pass is not None, "fp32 tiny model with panel-sized projections"
+def test_whole_pass_equals_the_eager_fused_path(seed: int, weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _weights_engine(weights, monkeypatch)
+    assert engine.runner.cpu_pass is not None, "tiny model with panel-sized projections"
     packed = engine.model.layers[0].self_attn.packed
-    assert packed is not None and packed[0].bf16 == bf16_values
+    assert packed is not None
+    assert (isinstance(packed[0], cpu_sgemm.PairPanelWeight) if weights == "bf16"
+            else packed[0].bf16 == (weights == "bf16_values"))
+    # the eager path attends longer segments in SDPA: fp32 rounding apart, or bf16 rounding
+    tol = 3e-2 if weights == "bf16" else 1e-5
     rnd = random.Random(seed)
     reqs = _requests(engine, rnd)
     _advance(engine, reqs, [Work(PREFILL, r.prompt_ids, [len(r.prompt_ids) - 1]) for r in reqs])
@@ -124,10 +146,10 @@ def test_whole_pass_equals_the_eager_fused_path(seed: int, bf16_values: bool, mo
         # as served, longer segments of the eager path attend through SDPA: fp32 rounding apart
         monkeypatch.setattr(cpu_attention, "NATIVE_MAX_QUERY_LEN", 1)
         sdpa, sdpa_caches = _run_both(engine, reqs, works, whole=False)
-        torch.testing.assert_close(got, sdpa, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, sdpa, atol=tol, rtol=tol)
         for a, b in zip(got_caches, sdpa_caches):
             assert torch.equal(a[0], b[0]), "layer 0's K/V come before any attention"
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
         _advance(engine, reqs, works)
 
 
@@ -211,7 +233,16 @@ def test_models_it_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
         switched.setattr(cpu_decoder, "enabled", False)
         assert _engine().runner.cpu_pass is None
     bf16 = make_engine(model_for.__wrapped__(3).to(torch.bfloat16))
-    assert bf16.runner.cpu_pass is None, "bf16 weights have no fp32 panels"
+    if cpu_amx.available():
+        assert bf16.runner.cpu_pass is None, "AMX tiles keep the eager path"
+    with monkeypatch.context() as no_amx:
+        no_amx.setattr(cpu_amx, "enabled", False)
+        bf16 = make_engine(model_for.__wrapped__(3).to(torch.bfloat16))
+        assert (bf16.runner.cpu_pass is not None) == (cpu_decoder.available() and cpu_sgemm.pairs_available())
+        no_amx.setattr(cpu_sgemm, "enabled", False)
+        assert make_engine(model_for.__wrapped__(3).to(torch.bfloat16)).runner.cpu_pass is None, "no pair panels"
+    half = make_engine(model_for.__wrapped__(3).to(torch.float16))
+    assert half.runner.cpu_pass is None, "fp16 has neither panels"
     # hidden 48: projections whose widths are not whole panel pairs keep oneDNN's layout
     from server.model.tiny import tiny_nld_config
     from tests.fixtures.tiny_models import random_model
@@ -258,9 +289,8 @@ def test_served_text_is_the_eager_paths(monkeypatch: pytest.MonkeyPatch) -> None
     assert cpu_paged_attention.available()
 
 
-@needs_kernel
-@pytest.mark.parametrize("bf16_values", [False, True])
-def test_verify_rows_equal_decode_steps_bit_for_bit(bf16_values: bool) -> None:
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_verify_rows_equal_decode_steps_bit_for_bit(weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the whole pass every row is computed alone (row-independent projections and
     elementwise ops, attention whose per-row result does not depend on the segment's length),
     so a self_spec verify pass gives, row for row, the logits and K/V that AR's decode steps
@@ -270,7 +300,8 @@ def test_verify_rows_equal_decode_steps_bit_for_bit(bf16_values: bool) -> None:
     tokens = [rnd.randrange(4, 300) for _ in range(17)]
 
     def prefilled():  # type: ignore[no-untyped-def]
-        engine = _engine(bf16_values=bf16_values)
+        engine = _weights_engine(weights, monkeypatch)
+        assert engine.runner.cpu_pass is not None
         reqs = _requests(engine, random.Random(0), (len(prompt),))
         reqs[0].prompt_ids[:] = prompt
         _advance(engine, reqs, [Work(PREFILL, prompt, [len(prompt) - 1])])
@@ -302,3 +333,21 @@ def test_rotary_rows_from_the_table_are_the_models(monkeypatch: pytest.MonkeyPat
         want = model.rope_tables(torch.tensor(positions))
         assert whole._rope.shape[1] == table
         assert len(got) == 4 and all(g.is_contiguous() and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@needs_pairs
+def test_bf16_self_spec_is_ar_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served in bf16 through the whole pass, self-speculation at temperature 0 gives AR's
+    greedy text (every pass here is at most MAX_ROWS rows): bf16 rounding no longer depends on
+    the pass's shape."""
+    from tests.engine.helpers import to_params
+
+    engine = _weights_engine("bf16", monkeypatch, seed=5)
+    calls = count_calls(monkeypatch, cpu_decoder.DecoderPass, "__call__")
+    prompts = [[5, 9, 13, 7], [11, 4, 4, 20, 31, 8], [40, 41, 42]]
+    texts = {}
+    for mode, knobs in (("ar", {}), ("self_spec", {"draft_length": 3}), ("self_spec", {"draft_length": 7})):
+        spec = dict(mode=mode, max_tokens=24, ignore_eos=True, **knobs)
+        texts[(mode, knobs.get("draft_length"))] = [o["token_ids"] for o in engine.generate(prompts, to_params(spec))]
+    assert calls["n"] > 0
+    assert texts[("self_spec", 3)] == texts[("ar", None)] == texts[("self_spec", 7)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_ops, cpu_sgemm
+from kernels import cpu_amx, cpu_ops, cpu_sgemm
 from server.model.model import DenseAttention
 from server.model.tiny import tiny_nld_config
 from tests.fixtures.c_kernels import assert_packing_falls_back, build_for_isa
@@ -20,6 +20,7 @@ from tests.fixtures.spy import count_calls
 from tests.fixtures.tiny_models import random_model
 
 needs_kernel = pytest.mark.skipif(not cpu_sgemm.available(), reason="no AVX-512F/AVX2 build (or no C compiler)")
+needs_pairs = pytest.mark.skipif(not cpu_sgemm.pairs_available(), reason="no AVX512-BF16 build (or no C compiler)")
 
 # (N, K): one panel pair; K of one; odd K; real projection shapes of the embedded model
 SHAPES = [(32, 16), (64, 1), (96, 37), (640, 384), (384, 1152)]
@@ -192,3 +193,86 @@ def test_fused_fp32_model_through_the_panels(monkeypatch: pytest.MonkeyPatch) ->
         b = packed.compute_logits(packed(ids, torch.arange(24), DenseAttention(mask)))
     assert calls["n"] == 4 * len(packed.layers) + 1
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# bf16 pair panels (a model served in bf16): K must be even
+PAIR_SHAPES = [(32, 16), (64, 2), (96, 38), (640, 384), (384, 1152)]
+PAIR_ROWS = ROWS + [100, cpu_sgemm.PAIR_MAX_ROWS]
+
+
+def test_pack_pairs_follows_the_documented_layout() -> None:
+    """pairs[p][k // 2][c][k % 2] = w[16 p + c][k]. Pure torch: runs on any CPU."""
+    n, k = 64, 6
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = cpu_sgemm.pack_pairs(w)
+    assert (got.n, got.k) == (n, k) and got.panels.dtype == torch.bfloat16 and got.panels.is_contiguous()
+    want = [w[16 * p + c, 2 * kp + e] for p in range(n // 16) for kp in range(k // 2) for c in range(16) for e in (0, 1)]
+    assert torch.equal(got.panels, torch.stack(want))
+
+
+@needs_pairs
+@pytest.mark.parametrize("n,k", PAIR_SHAPES)
+def test_pair_sums_round_once_to_bf16(n: int, k: int) -> None:
+    """fp32 sums of exact bf16 products, rounded once: at most one bf16 step (2^-8 relative)
+    from the exact dot product, plus the fp32 sums' own drift."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    packed = cpu_sgemm.pack_pairs(w)
+    for rows in PAIR_ROWS:
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        got = cpu_sgemm.linear_pairs(x, packed)
+        exact = x.double() @ w.double().T
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        bound = exact.abs() * 2.0**-8 + fp32_bound(x.float(), w.float())
+        assert ((got.double() - exact).abs() <= bound).all(), rows
+
+
+@needs_pairs
+def test_a_pair_rows_result_does_not_depend_on_the_other_rows() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = cpu_sgemm.pack_pairs(torch.randn(640, 384, generator=g).bfloat16())
+    x = torch.randn(cpu_sgemm.PAIR_MAX_ROWS, 384, generator=g).bfloat16()
+    alone = torch.cat([cpu_sgemm.linear_pairs(x[i:i + 1], w) for i in range(x.shape[0])])
+    for rows in (2, 5, 8, 13, 16, 31, 64, cpu_sgemm.PAIR_MAX_ROWS):
+        start = x.shape[0] - rows
+        assert torch.equal(cpu_sgemm.linear_pairs(x[start:], w), alone[start:]), rows
+    xn = x[:20].clone()
+    xn[17, 5] = math.nan
+    out = cpu_sgemm.linear_pairs(xn, w)
+    assert out[17].isnan().all() and not out[[0, 16, 18]].isnan().any(), "a NaN stays in its row"
+
+
+def test_what_packs_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_sgemm, "pairs_available", lambda: True)
+    assert cpu_sgemm.packs_pairs(torch.zeros(64, 96, dtype=torch.bfloat16))
+    assert not cpu_sgemm.packs_pairs(torch.zeros(64, 96)), "fp32 has its own panels"
+    assert not cpu_sgemm.packs_pairs(torch.zeros(64, 95, dtype=torch.bfloat16)), "K odd"
+    assert not cpu_sgemm.packs_pairs(torch.zeros(48, 96, dtype=torch.bfloat16)), "N not whole panel pairs"
+    monkeypatch.setattr(cpu_sgemm, "enabled", False)
+    assert not cpu_sgemm.packs_pairs(torch.zeros(64, 96, dtype=torch.bfloat16))
+
+
+@needs_pairs
+def test_cpu_ops_routes_bf16_passes_through_the_pair_panels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AMX (whose tiles take bf16 weights first) a bf16 weight packs as pair panels,
+    which run every pass of at most PAIR_MAX_ROWS rows; larger ones and autograd take the GEMM."""
+    monkeypatch.setattr(cpu_amx, "enabled", False)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    packed = cpu_ops.prepack_linear_weight(w)
+    assert isinstance(packed, cpu_sgemm.PairPanelWeight)
+    calls = count_calls(monkeypatch, cpu_sgemm, "linear_pairs")
+    for rows in (1, 3, 16, cpu_sgemm.PAIR_MAX_ROWS, cpu_sgemm.PAIR_MAX_ROWS + 1):
+        x = torch.randn(rows, 96, generator=g).bfloat16()
+        torch.testing.assert_close(cpu_ops.linear(x, w, packed), torch.nn.functional.linear(x, w))
+    assert calls["n"] == 4
+    xg = torch.randn(3, 96, generator=g).bfloat16().requires_grad_()
+    cpu_ops.linear(xg, w, packed).float().sum().backward()
+    assert calls["n"] == 4 and xg.grad is not None, "autograd takes the GEMM (the kernel has no backward)"
+
+
+def test_pair_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched off or unbuilt, bf16 weights keep the previous packings (AMX tiles or oneDNN's)."""
+    w = torch.randn(64, 96).bfloat16()
+    monkeypatch.setattr(cpu_amx, "enabled", False)
+    assert_packing_falls_back(cpu_sgemm, "NLD_CPU_SGEMM", w, cpu_sgemm.PairPanelWeight, tmp_path, monkeypatch)
