@@ -8,19 +8,20 @@ own fused path passes tensors it built itself, so on the CPU it calls these inst
 inputs' dtype): one C call per op (``kernels.cpu_elementwise``) where it is built, else
 PyTorch (the rotary written with fewer aten calls).
 
-GEMMs (each packing replaces the oneDNN copy below): fp32 weights are repacked once into ``kernels.cpu_sgemm``'s 16-column panels
-(``prepack_linear_weight``), which run passes of 1 to ``cpu_sgemm.MAX_ROWS`` rows (at the
-bandwidth at one row like MKL's sgemv, 1.2-2x oneDNN's packed GEMM at 2-64 rows on an AVX-512
-Xeon; each row's result independent of the others); bf16 weights, on a CPU with AVX512-BF16 and
-no AMX, into its pair panels (``cpu_sgemm.pack_pairs``; passes of 1 to ``cpu_sgemm.PAIR_MAX_ROWS``
-rows, 1.3-1.7x oneDNN's packed GEMM at 1-8 rows, level above; rows again independent). Other dtypes: a pass of at most four rows
-(a decode step at batch 1-4, a small block) goes through ``kernels.cpu_gemv``, which streams
-the weights at close to the memory bandwidth. Larger passes of at most ``PACKED_MAX_ROWS``
-rows use a copy of the weight reordered once: on a CPU with AMX-BF16, the tiles of
-``kernels.cpu_amx`` (1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's blocked layout
-for bf16/fp16 (and fp32 where the panels cannot run), which skips the plain GEMM's per-call
-reorder (1.1-1.7x faster per projection at 1-256 rows on an AVX-512 Xeon, bit-identical
-results; slower at 512 rows, so larger passes take the plain GEMM).
+GEMMs (each packing replaces the oneDNN copy below): fp32 weights are repacked once into
+``kernels.cpu_sgemm``'s 16-column panels (``prepack_linear_weight``), which run passes of 1 to
+``cpu_sgemm.MAX_ROWS`` rows (at the bandwidth at one row like MKL's sgemv, 1.2-2x oneDNN's
+packed GEMM at 2-64 rows on an AVX-512 Xeon; each row's result independent of the others);
+bf16 weights, on a CPU with AVX512-BF16 and no AMX, into its pair panels
+(``cpu_sgemm.pack_pairs``: passes of 1 to ``cpu_sgemm.PAIR_MAX_ROWS`` rows, 1.3-1.7x oneDNN's
+packed GEMM at 1-8 rows, level above; rows again independent). Other dtypes: a pass of at most
+four rows (a decode step at batch 1-4, a small block) goes through ``kernels.cpu_gemv``, which
+streams the weights at close to the memory bandwidth. Larger passes of at most
+``PACKED_MAX_ROWS`` rows use a copy of the weight reordered once: on a CPU with AMX-BF16, the
+tiles of ``kernels.cpu_amx`` (1.5-1.7x oneDNN's packed GEMM at 5-32 rows); else oneDNN's
+blocked layout for bf16/fp16 (and fp32 where the panels cannot run), which skips the plain
+GEMM's per-call reorder (1.1-1.7x faster per projection at 1-256 rows on an AVX-512 Xeon,
+bit-identical results; slower at 512 rows, so larger passes take the plain GEMM).
 """
 
 from __future__ import annotations

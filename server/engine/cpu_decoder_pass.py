@@ -6,8 +6,12 @@ On the embedded model the Python between a decode step's kernels took longer tha
 * the model runs on the fused path (not a compiled decoder) with every projection packed as
   ``kernels.cpu_sgemm`` panels: fp32 (the CPU default) on fp32 or bf16 panels, or bf16 on
   pair panels (a CPU with AVX512-BF16 and no AMX), and the C kernels are built;
-* the pass has at most ``MAX_ROWS`` rows, no draft-adapter rows and no image features
-  (causal, bidirectional and quadratic self-speculation segments all attend in the C kernel).
+* each of the pass's segments has at most ``MAX_ROWS`` rows (a larger pass runs as several
+  calls, each over consecutive whole segments of at most ``MAX_ROWS`` rows in all: segments only
+  read the cache and their own rows, and a later segment of a lookahead commit reads the slots
+  an earlier one wrote, which the earlier call has stored), and the pass has no draft-adapter
+  rows and no image features (causal, bidirectional and quadratic self-speculation segments
+  all attend in the C kernel).
 
 Everything else runs the eager fused path, which uses the same kernels. Embeddings and rotary
 tables are computed here with the model's own modules; the C side does the layers and the
@@ -17,8 +21,9 @@ order).
 
 Each row is computed on its own here, so a row's result does not depend on the rest of the
 batch: a self_spec verify row gives the logits and K/V of AR's decode step at its position bit
-for bit, and a request's greedy text does not change with what it is batched with (passes up
-to ``MAX_ROWS`` rows; prefill passes above it take the eager path, the same for every mode).
+for bit, and a request's greedy text does not change with what it is batched with (as long as
+no pass it is in holds a segment over ``MAX_ROWS`` rows, a long prefill chunk: such a pass takes
+the eager path, the same for every mode).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from kernels.cpu_sgemm import PairPanelWeight, PanelWeight
 from server.engine.batch import HostBatch, KVTensors
 from server.model.model import DecoderModel
 
-# Larger passes (long prefill chunks) keep the eager path: MKL's GEMM and SDPA's tiled
-# attention win there, and the Python around them is a small share of the pass.
+# Rows per C call. A pass with a longer segment (a long prefill chunk) keeps the eager path: MKL's
+# GEMM and SDPA's tiled attention win there, and the Python around them is a small share of the pass.
 MAX_ROWS = 128
 # Rotary tables of positions below this come from a table built once (4 x positions x
 # head_dim fp32, grown by powers of two as positions appear); later ones are computed per pass.
@@ -72,7 +77,7 @@ class CpuDecoderPass:
     @staticmethod
     def takes(hb: HostBatch) -> bool:
         """Whether ``hb`` runs here (the runner also keeps adapter rows and images eager)."""
-        return 0 < hb.num_tokens <= MAX_ROWS
+        return 0 < hb.num_tokens and max(hb.query_lens) <= MAX_ROWS
 
     def __call__(self, hb: HostBatch) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` of the batch (K/V of its rows with a slot stored).
@@ -93,7 +98,18 @@ class CpuDecoderPass:
                                           tables.view(segs, width), t, sub_block if quadratic else None)
         x = F.embedding(ids, self.model.embed_tokens.weight)
         rope = self._rope_rows(positions, max(hb.positions))
-        return self.decoder(x, *rope, rows, slots, segments)
+        if t <= MAX_ROWS:
+            return self.decoder(x, *rope, rows, slots, segments)
+        outs = []
+        for s0, s1 in _groups(hb.query_lens, MAX_ROWS):
+            r0, r1 = hb.query_start_loc[s0], hb.query_start_loc[s1]
+            writes = (rows >= r0) & (rows < r1)
+            group = SegmentPlan.of_tensors(q_start[s0:s1] - r0, q_len[s0:s1], ctx[s0:s1], segments.causal[s0:s1],
+                                           segments.tables[s0:s1], r1 - r0,
+                                           sub_block[s0:s1] if quadratic else None)
+            outs.append(self.decoder(x[r0:r1], *(table[r0:r1] for table in rope), rows[writes] - r0, slots[writes],
+                                     group))
+        return torch.cat(outs)
 
     def _rope_rows(self, positions: torch.Tensor, top: int) -> list[torch.Tensor]:
         """The model's rotary tables (``rope_tables``) at ``positions`` (largest ``top``), four
@@ -105,3 +121,16 @@ class CpuDecoderPass:
             size = min(ROPE_TABLE_POSITIONS, 1 << top.bit_length())
             self._rope = torch.stack(self.model.rope_tables(torch.arange(size)))
         return list(self._rope.index_select(1, positions))
+
+
+def _groups(lengths: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``[s0, s1)`` of segments, each of at most ``limit`` rows in all (every
+    length is at most ``limit``), greedily from the first."""
+    groups, start, rows = [], 0, 0
+    for i, n in enumerate(lengths):
+        if rows + n > limit:
+            groups.append((start, i))
+            start, rows = i, 0
+        rows += n
+    groups.append((start, len(lengths)))
+    return groups

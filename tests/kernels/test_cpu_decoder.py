@@ -203,9 +203,9 @@ def test_runner_sends_a_pass_here_only_when_it_applies(monkeypatch: pytest.Monke
                  position_offsets=[0, 1, 2, 1, 2, 3], kv_rows=[0, 3], sub_block=3)
     _advance(engine, reqs, [cycle, Work(DECODE, [6], [0])])
     assert calls["n"] == 3
-    # more rows than MAX_ROWS
-    long = [Work(PREFILL, [7] * cpu_decoder_pass.MAX_ROWS, [0]), Work(DECODE, [6], [0])]
-    engine.kv.allocate(reqs[0].table, reqs[0].num_computed + cpu_decoder_pass.MAX_ROWS)
+    # a segment of more rows than MAX_ROWS (a long prefill chunk)
+    long = [Work(PREFILL, [7] * (cpu_decoder_pass.MAX_ROWS + 1), [0]), Work(DECODE, [6], [0])]
+    engine.kv.allocate(reqs[0].table, reqs[0].num_computed + cpu_decoder_pass.MAX_ROWS + 1)
     _advance(engine, reqs, long)
     assert calls["n"] == 3
     _advance(engine, reqs, [Work(DECODE, [5], [0]), Work(DECODE, [6], [0])])
@@ -351,3 +351,28 @@ def test_bf16_self_spec_is_ar_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
         texts[(mode, knobs.get("draft_length"))] = [o["token_ids"] for o in engine.generate(prompts, to_params(spec))]
     assert calls["n"] > 0
     assert texts[("self_spec", 3)] == texts[("ar", None)] == texts[("self_spec", 7)]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_a_pass_over_max_rows_runs_in_groups_of_whole_segments(weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass of more than MAX_ROWS rows whose segments each fit runs as several calls over
+    consecutive segments, with the one call's results bit for bit (a lookahead commit's block
+    segment reads the slots its causal segment stored in an earlier call)."""
+    engine = _weights_engine(weights, monkeypatch)
+    rnd = random.Random(6)
+    reqs = _requests(engine, rnd)
+    _advance(engine, reqs, [Work(PREFILL, r.prompt_ids, [len(r.prompt_ids) - 1]) for r in reqs])
+    monkeypatch.setattr(cpu_attention, "NATIVE_MAX_QUERY_LEN", 1 << 20)
+    calls = count_calls(monkeypatch, cpu_decoder.DecoderPass, "__call__")
+    for works in _passes(engine, rnd)[1:]:  # multi-row passes of 9-24 rows
+        monkeypatch.setattr(cpu_decoder_pass, "MAX_ROWS", 9)
+        calls["n"] = 0
+        grouped = _run_both(engine, reqs, works, whole=True)
+        assert calls["n"] >= 2 or sum(len(w) for w in works) <= 9, [w.kind for w in works]
+        monkeypatch.setattr(cpu_decoder_pass, "MAX_ROWS", 1 << 20)
+        calls["n"] = 0
+        single = _run_both(engine, reqs, works, whole=True)
+        assert calls["n"] == 1
+        assert torch.equal(grouped[0], single[0]), [w.kind for w in works]
+        assert all(torch.equal(a, b) for a, b in zip(grouped[1], single[1]))
+        _advance(engine, reqs, works)
