@@ -2,11 +2,12 @@
 gives the math): the layer loop of the fused path without the Python between its kernels.
 
 ``DecoderPass`` binds a model's packed weights (``kernels.cpu_sgemm`` panels: fp32 or bf16
-panels for an fp32 model, pair panels for a bf16 one), norms and paged caches once; calling it runs every layer over a pass's rows and segments (a
-``kernels.cpu_paged_attention.SegmentPlan``) and returns the final hidden states. The kernels
-it calls are the fused path's own (``kernels.cpu_sgemm``, ``kernels.cpu_elementwise``,
-``kernels.cpu_paged_attention``), reached through function pointers, so it is available only
-where all of them are built; ``NLD_CPU_DECODER=0`` switches it off.
+panels for an fp32 model, pair panels for a bf16 one), norms and paged caches once; calling it
+runs every layer over a pass's rows and segments (a ``kernels.cpu_paged_attention.SegmentPlan``)
+and returns the final hidden states. The kernels it calls are the fused path's own
+(``kernels.cpu_sgemm``, ``kernels.cpu_elementwise``, ``kernels.cpu_paged_attention``), reached
+through function pointers, so it is available only where all of them are built;
+``NLD_CPU_DECODER=0`` switches it off.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _P = ctypes.c_void_p
 
 class _Decoder(ctypes.Structure):
     _fields_ = [
-        ("sgemm", _P), ("sgemm_bf16w", _P), ("gemm_bf16", _P), ("act_bf16", ctypes.c_int64), ("add_rms_norm", _P), ("rotary_qk", _P), ("silu_mul", _P), ("attention", _P),
+        ("sgemm", _P), ("sgemm_bf16w", _P), ("gemm_bf16", _P), ("act_bf16", ctypes.c_int64),
+        ("add_rms_norm", _P), ("rotary_qk", _P), ("silu_mul", _P), ("attention", _P),
         ("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64), ("hkv", ctypes.c_int64),
         ("d", ctypes.c_int64), ("inter", ctypes.c_int64), ("page_size", ctypes.c_int64),
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
@@ -104,9 +106,9 @@ class DecoderPass:
             self._norms[: len(layers)], self._norms[len(layers): 2 * len(layers)],
             [w.qkv.panels for w in layers], [w.o.panels for w in layers], [w.gate_up.panels for w in layers],
             [w.down.panels for w in layers], list(k_cache), list(v_cache))]
-        # per layer: whether its qkv, o, gate_up and down panels hold bf16
+        # per layer: whether its qkv, o, gate_up and down panels hold bf16 (pair panels all do)
         self._bf16 = (ctypes.c_uint8 * (4 * len(layers)))(
-            *(int(getattr(p, "bf16", True)) for w in layers for p in (w.qkv, w.o, w.gate_up, w.down)))
+            *(int(isinstance(p, PairPanelWeight) or p.bf16) for w in layers for p in (w.qkv, w.o, w.gate_up, w.down)))
         lib = _library()
         sgemm, elementwise, attention = cpu_sgemm._library(), cpu_elementwise._library(), cpu_paged_attention._library()
         assert lib is not None and sgemm is not None and elementwise is not None and attention is not None
@@ -130,8 +132,8 @@ class DecoderPass:
                  sin: torch.Tensor, write_rows: torch.Tensor, write_slots: torch.Tensor,
                  segments: SegmentPlan) -> torch.Tensor:
         """The final hidden states ``[T, hidden]`` of rows ``x`` (``[T, hidden]`` embeddings in
-        the activations' dtype, contiguous, overwritten); rope tables ``[T, d]`` fp32 contiguous (the query
-        ones with the query scale folded in); rows ``write_rows`` store their K/V at cache rows
+        the activations' dtype, contiguous, overwritten); rope tables ``[T, d]`` fp32 contiguous
+        (the query ones with the query scale folded in); rows ``write_rows`` store their K/V at cache rows
         ``write_slots`` (int64) in every layer; ``segments`` cover every row once."""
         t = x.shape[0]
         assert x.dtype == self.dtype and x.is_contiguous() and x.shape[1] == self.hidden

@@ -79,8 +79,9 @@ PACKED_MAX_ROWS = 256
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
     """``x @ weight.T`` (no bias): fp32 panels (``packed``) for at most ``cpu_sgemm.MAX_ROWS``
-    rows, bf16 pair panels for at most ``cpu_sgemm.PAIR_MAX_ROWS``; else at most ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv`` (eager only: a
-    compiled graph keeps its packed GEMMs); else through the ``packed`` copy of ``weight`` when
+    rows, bf16 pair panels for at most ``cpu_sgemm.PAIR_MAX_ROWS``; else at most
+    ``cpu_gemv.MAX_ROWS`` rows through ``kernels.cpu_gemv`` (eager only: a compiled graph keeps
+    its packed GEMMs); else through the ``packed`` copy of ``weight`` when
     given, for at most ``PACKED_MAX_ROWS`` rows."""
     rows = x.numel() // max(x.shape[-1], 1)
     if isinstance(packed, (cpu_sgemm.PanelWeight, cpu_sgemm.PairPanelWeight)):
