@@ -13,7 +13,8 @@ perplexities differ by a few per cent). All decoding is greedy (temperature 0),
 ``ignore_eos``, ``--max-tokens`` new tokens.
 
 * ``sweep``: diffusion over block length x confidence measure x threshold x lookahead (the
-  commit pass also proposes the next block; ``--lookahead off|on|both``); ``--thresholds``
+  commit pass also proposes the next block; ``--lookahead off|on|guess|both|all``, guess being
+  lookahead with ``guess_seed``); ``--thresholds``
   apply to the probability measure, ``--margins`` to the margin one (its scale is lower);
   self_spec over draft length. TPF and
   acceptance are counts (emitted tokens / forward passes the request took part in), so the
@@ -140,6 +141,8 @@ def choose(diffusion_rows: list[dict[str, Any]], spec_rows: list[dict[str, Any]]
         best = min(diffusion_rows, key=lambda r: (r["ppl"], -r["tpf"]))
     spec = max(spec_rows, key=lambda r: (round(r["tpf"], 3), -r["draft_length"]))
     settings = {k: best[k] for k in ("block_length", "confidence", "threshold", "lookahead") if k in best}
+    if best.get("guess_seed"):
+        settings["guess_seed"] = True
     return {"diffusion": settings,
             "self_spec": {"draft_length": spec["draft_length"], "block_length": spec["draft_length"] + 1}}
 
@@ -159,18 +162,20 @@ def sweep(args: argparse.Namespace) -> str:
              "| mode | block | confidence | threshold / draft | lookahead | TPF | acceptance length | agreement with AR | "
              "AR ppl of output |", "|---|---|---|---|---|---|---|---|---|"]
     diffusion_rows, spec_rows = [], []
-    lookaheads = {"off": (False,), "on": (True,), "both": (False, True)}[args.lookahead]
+    lookaheads = {"off": ("off",), "on": ("on",), "guess": ("guess",), "both": ("off", "on"),
+                  "all": ("off", "on", "guess")}[args.lookahead]
     grid = [("probability", t) for t in args.thresholds] + [("margin", t) for t in args.margins]
     for block in args.blocks:
         for confidence, threshold in grid:
-            for lookahead in lookaheads:
+            for ahead in lookaheads:
+                lookahead, guess_seed = ahead != "off", ahead == "guess"
                 r = run(engine, prompts, args.max_tokens, len(prompts), mode="diffusion", block_length=block,
-                        confidence=confidence, threshold=threshold, lookahead=lookahead)
+                        confidence=confidence, threshold=threshold, lookahead=lookahead, guess_seed=guess_seed)
                 row = {"block_length": block, "confidence": confidence, "threshold": threshold, "lookahead": lookahead,
-                       "tpf": r["tpf"], "agreement": agreement(r["outputs"], ar["outputs"]),
+                       "guess_seed": guess_seed, "tpf": r["tpf"], "agreement": agreement(r["outputs"], ar["outputs"]),
                        "ppl": output_ppl(engine, prompts, r["outputs"])}
                 diffusion_rows.append(row)
-                lines.append(f"| diffusion | {block} | {confidence} | {threshold} | {'on' if lookahead else 'off'} | "
+                lines.append(f"| diffusion | {block} | {confidence} | {threshold} | {ahead} | "
                              f"{row['tpf']:.2f} | - | {row['agreement']:.3f} | {row['ppl']:.2f} |")
                 print(lines[-1], flush=True)
     for draft in args.drafts:
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--margins", type=float, nargs="*", default=list(MARGINS),
                    help="diffusion unmasking thresholds on a proposal's margin over the runner-up")
     s.add_argument("--drafts", type=int, nargs="+", default=list(DRAFT_LENGTHS), help="self_spec draft lengths")
-    s.add_argument("--lookahead", choices=("off", "on", "both"), default="both", help="diffusion lookahead settings to sweep")
+    s.add_argument("--lookahead", choices=("off", "on", "guess", "both", "all"), default="both",
+                   help="diffusion lookahead settings to sweep (guess: lookahead with guess_seed; both: off and on; all: the three)")
     c = sub.add_parser("compare")
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--data", default=None, help="data.npz of training.train (held-out perplexity on real text)")

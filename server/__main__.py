@@ -47,6 +47,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, choices=SPEC_VARIANTS, help="self_spec: linear or quadratic")
     p.add_argument("--lookahead", default=None, action=argparse.BooleanOptionalAction,
                    help="diffusion: each commit pass also proposes the next block")
+    p.add_argument("--guess-seed", default=None, action=argparse.BooleanOptionalAction,
+                   help="diffusion with lookahead: the proposed block starts with a guessed seed (a right guess saves a pass)")
     p.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES,
                    help="diffusion: what --threshold compares (a proposal's probability, or its margin over the runner-up)")
     return p

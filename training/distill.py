@@ -190,8 +190,26 @@ def distill_noise(x0: torch.Tensor, target_start: torch.Tensor, block_size: int,
     return NoisedBatch(noisy, masked, ratio.repeat_interleave(block_size, dim=1))
 
 
-def distill_loss(model: DecoderModel, x0: torch.Tensor, noised: NoisedBatch, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy of the noisy stream at masked positions against the trajectory
+def masked_token_loss(logits: torch.Tensor, target: torch.Tensor, certainty_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy of ``logits`` [N, V] against ``target`` [N], plus ``certainty_weight``
+    x the entropy of the rows whose argmax already is the target, summed and divided by N.
+
+    The entropy term (certainty forcing, as in dParallel) sharpens only correct proposals, so
+    that more of them reach the unmasking threshold in one pass; the gradient of a wrong row
+    is the cross-entropy's alone."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    ce = F.nll_loss(log_probs, target)
+    correct = log_probs.argmax(-1) == target
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    certainty = (entropy * correct).sum() / max(1, target.numel())
+    loss = ce + certainty_weight * certainty if certainty_weight else ce
+    return loss, {"distill_ce": float(ce.detach()), "distill_acc": float(correct.float().mean()),
+                  "certainty": float(certainty.detach()), "num_masked": int(target.numel())}
+
+
+def distill_loss(model: DecoderModel, x0: torch.Tensor, noised: NoisedBatch, mask: torch.Tensor,
+                 certainty_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``masked_token_loss`` of the noisy stream at masked positions against the trajectory
     (one forward over ``[x_t | x_0]`` with the sbd_block_diff ``mask``)."""
     rows, seq_len = x0.shape
     pos = torch.arange(seq_len, device=x0.device)
@@ -199,10 +217,7 @@ def distill_loss(model: DecoderModel, x0: torch.Tensor, noised: NoisedBatch, mas
     # the mask id stays in the softmax: the engine's confidence (what the unmasking threshold
     # compares) is measured the same way, so its logit must be pushed down too
     logits = model.compute_logits(hidden[:, :seq_len][noised.masked])
-    target = x0[noised.masked]
-    loss = F.cross_entropy(logits, target)
-    acc = float((logits.argmax(-1) == target).float().mean())
-    return loss, {"distill_ce": float(loss.detach()), "distill_acc": acc, "num_masked": int(target.numel())}
+    return masked_token_loss(logits, x0[noised.masked], certainty_weight)
 
 
 def ar_logits(model: DecoderModel, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -307,14 +322,19 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def engine_eval(model: DecoderModel, model_dir: str, prompts: list[list[int]], max_tokens: int,
                 block: int, threshold: float, lookahead: bool = False) -> dict[str, float]:
-    """The engine's own figures for the current weights: diffusion TPF and agreement with AR
-    greedy at (block, threshold, lookahead), self_spec acceptance and TPF with draft block-1."""
+    """The engine's own figures for the current weights: diffusion TPF, agreement with AR
+    greedy and its output's AR perplexity over AR output's at (block, threshold, lookahead),
+    self_spec acceptance and TPF with draft block-1."""
     engine = teacher_engine(model, model_dir, 256, max_num_seqs=len(prompts), cpu_threads=torch.get_num_threads())
     ar = mode_stats(engine, prompts, max_tokens, mode="ar")
     diff = mode_stats(engine, prompts, max_tokens, mode="diffusion", block_length=block, threshold=threshold,
                       lookahead=lookahead)
     spec = mode_stats(engine, prompts, max_tokens, mode="self_spec", draft_length=block - 1)
+    from benchmarks.modes_cpu import ar_perplexity
+
+    ppl_ratio = ar_perplexity(engine, prompts, diff["outputs"]) / ar_perplexity(engine, prompts, ar["outputs"])
     return {"diffusion_tpf": diff["tpf"], "diffusion_agreement": agreement(diff["outputs"], ar["outputs"]),
+            "diffusion_ppl_ratio": ppl_ratio,
             "self_spec_tpf": spec["tpf"], "self_spec_accept_len": spec["accept_len"],
             "self_spec_equals_ar": spec["outputs"] == ar["outputs"]}
 
@@ -519,7 +539,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         x0 = torch.from_numpy(traj.tokens[idx])
         noised = distill_noise(x0, torch.from_numpy(traj.target_start[idx]), block, mask_id, args.draft_prob, noise_gen,
                                 args.lookahead_prob)
-        d_loss, d_stats = distill_loss(model, x0.to(device), noised.to(device), masks[block])
+        d_loss, d_stats = distill_loss(model, x0.to(device), noised.to(device), masks[block], args.certainty_weight)
         if args.real_rows:
             a_loss, ar_ce = ar_anchor_loss(model, teacher, sampler.sample(args.real_rows).to(device), causal)
         else:
@@ -537,7 +557,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             first_losses.append(loss_v)
         train_seconds += time.perf_counter() - t0
         for k, v in {"loss": loss_v, "ar_loss": float(a_loss.detach()), "ar_ce": ar_ce, "distill_ce": d_stats["distill_ce"],
-                     "distill_acc": d_stats["distill_acc"], "grad_norm": grad_norm}.items():
+                     "distill_acc": d_stats["distill_acc"], "certainty": d_stats["certainty"], "grad_norm": grad_norm}.items():
             acc[k] = acc.get(k, 0.0) + v
         acc["n"] = acc.get("n", 0) + 1
         if step % args.log_every == 0 or done():
@@ -600,6 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lookahead-prob", type=float, default=0.0,
                     help="share of blocks masked whole (the canvas a diffusion commit pass proposes with lookahead)")
     ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--certainty-weight", type=float, default=0.0,
+                    help="weight of the entropy of correct proposals (certainty forcing; 0: plain cross-entropy)")
     ap.add_argument("--ar-weight", type=float, default=1.0)
     ap.add_argument("--ar-target", choices=("teacher", "data"), default="teacher",
                     help="AR loss on real text: KL to the frozen teacher's next-token distribution, or CE on the text")

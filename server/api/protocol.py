@@ -137,6 +137,8 @@ class _GenerationRequest(_RequestModel):
     draft_length: Optional[PositiveInt] = Field(None, description="self_spec: drafted tokens per cycle")
     variant: Optional[str] = Field(None, description="self_spec: linear (draft + verify) or quadratic (one pass per cycle)")
     lookahead: Optional[bool] = Field(None, description="diffusion: each commit pass also proposes the next block")
+    guess_seed: Optional[bool] = Field(None, description="diffusion with lookahead: the proposed block starts with the seed "
+                                                         "guessed by the previous pass; a right guess saves a denoise pass")
     confidence: Optional[str] = Field(None, description="diffusion: what threshold compares: a proposal's probability or "
                                                         "its margin over the runner-up")
     top_k: Optional[NonNegativeInt] = Field(None, description="0 disables top-k")

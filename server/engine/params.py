@@ -172,6 +172,7 @@ KNOB_RULES: dict[str, Callable[[str, Any], None]] = {
     "policy": _policy,
     "seed_first_position": _boolean,
     "lookahead": _boolean,
+    "guess_seed": _boolean,
     "confidence": _confidence,
     "variant": _variant,
 }
@@ -200,6 +201,7 @@ class DecodeParams:
     draft_length: int | None = None
     seed_first_position: bool | None = None  # diffusion: canvas[0] = causal prediction (HF behaviour)
     lookahead: bool | None = None  # diffusion: the commit pass also proposes the next block
+    guess_seed: bool | None = None  # diffusion with lookahead: that canvas starts with a guessed seed
     confidence: str | None = None  # diffusion: what threshold compares, "probability" or "margin"
     variant: str | None = None  # self_spec: "linear" (draft + verify) or "quadratic" (one pass)
 
@@ -210,6 +212,7 @@ class DecodeParams:
     # the knobs a caller may set (seed_first_position is internal: the reference tests' switch)
     CALLER_KNOBS: ClassVar[tuple[str, ...]] = (
         "refine_steps", "block_length", "threshold", "policy", "draft_length", "variant", "lookahead", "confidence",
+        "guess_seed",
     )
 
     @classmethod

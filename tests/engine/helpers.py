@@ -54,7 +54,8 @@ def to_params(spec: dict, temperature: float = 0.0, seed: int | None = None, **s
     mode = spec["mode"]
     decode: dict[str, Any] = {"mode": mode}
     if mode == "diffusion":
-        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position", "lookahead", "confidence"):
+        for k in ("block_length", "refine_steps", "policy", "threshold", "seed_first_position", "lookahead", "confidence",
+                  "guess_seed"):
             if k in spec:
                 decode[k] = spec[k]
     elif mode == "self_spec":
@@ -93,6 +94,7 @@ def reference_for(model: DecoderModel, prompt: list[int], spec: dict, max_model_
             seed_first_position=spec.get("seed_first_position", True),
             lookahead=spec.get("lookahead", False),
             confidence=spec.get("confidence", "probability"),
+            guess_seed=spec.get("guess_seed", False),
         )
     elif spec["mode"] == "self_spec":
         b = spec.get("block_length", model.config.block_size)

@@ -172,6 +172,8 @@ class Result:
     denoise_steps_per_block: list[int] = field(default_factory=list)
     acceptance_lengths: list[int] = field(default_factory=list)
     drafts: list[list[int]] = field(default_factory=list)
+    fused_passes: int = 0  # diffusion guess_seed: commit passes that carried a guessed canvas
+    right_guesses: int = 0  # ... whose guess was the seed (each stood for a denoise pass)
 
 
 # ------------------------------------------------------------------------------ modes
@@ -197,6 +199,7 @@ def diffusion_greedy(
     seed_first_position: bool = True,
     lookahead: bool = False,
     confidence: str = "probability",
+    guess_seed: bool = False,
     max_tokens: int,
     max_model_len: int,
     stop_ids=(),
@@ -206,16 +209,36 @@ def diffusion_greedy(
     prompt) also runs the next block as an all-mask canvas under the denoise mask; the block
     then starts with the seed from that pass's last committed row and with every candidate
     whose proposal there has confidence >= threshold revealed (any policy); that pass is not
-    a denoise step. ``confidence``: "probability" or "margin" (see ``pick``)."""
+    a denoise step. ``confidence``: "probability" or "margin" (see ``pick``).
+
+    ``guess_seed`` (with lookahead, seeded): decoding as without lookahead, except that every
+    denoise canvas carries one more mask after the block when another block follows; that row's
+    greedy token is the guess. A block after a guess starts with a commit pass whose canvas is
+    ``[guess, MASK...]`` (plus the row): if the guess is the seed, that pass is the block's first
+    denoise pass; either way its extra row gives the next guess."""
     stops = frozenset(stop_ids)
     out = Output(len(prompt), max_tokens, max_model_len, stops)
     trace = Trace()
     steps_per_block: list[int] = []
+    guessing = lookahead and guess_seed and seed_first_position
+    guess: int | None = None
+    fused = right_guesses = 0
     while out.finish_reason is None:
         seq = list(prompt) + out.tokens
         n = min(block_length, max_model_len - len(seq))
         canvas = [mask_id] * n
         revealed = [False] * n
+        if guessing:
+            passes, next_guess = _guessed_block(model, seq, canvas, revealed, guess, out, trace, policy, threshold,
+                                                refine_steps, confidence, max_model_len, mask_id)
+            steps_per_block.append(passes)
+            fused += guess is not None
+            right_guesses += guess is not None and canvas[0] == guess
+            guess = next_guess
+            s = next((i for i in range(n) if revealed[i] and canvas[i] in stops), None)
+            budget = min(n, out.remaining)
+            out.emit(canvas[:budget] if s is None else canvas[: s + 1])
+            continue
         ahead = block_logits(model, seq, canvas) if lookahead else None
         if seed_first_position:
             canvas[0] = pick(causal_logits(model, seq)[-1], mask_id, trace)[0]
@@ -254,7 +277,46 @@ def diffusion_greedy(
         steps_per_block.append(passes)
         s = first_stop()
         out.emit(canvas[:budget] if s is None else canvas[: s + 1])
-    return Result(out.tokens, out.finish_reason, trace.min_margin, denoise_steps_per_block=steps_per_block)
+    return Result(out.tokens, out.finish_reason, trace.min_margin, denoise_steps_per_block=steps_per_block,
+                  fused_passes=fused, right_guesses=right_guesses)
+
+
+def _guessed_block(model, seq, canvas, revealed, guess, out, trace, policy, threshold, refine_steps, confidence,
+                   max_model_len, mask_id) -> tuple[int, int | None]:  # type: ignore[no-untyped-def]
+    """One block of ``diffusion_greedy`` with guess_seed: fills ``canvas``/``revealed`` in place;
+    returns its denoise passes and the next guess (the latest guess row's token, or None)."""
+    n = len(canvas)
+    stops = out.stop_ids
+    budget = min(n, out.remaining)
+    extra = [mask_id] if n < out.remaining and len(seq) + n < max_model_len else []
+    canvas[0], revealed[0] = pick(causal_logits(model, seq)[-1], mask_id, trace)[0], True
+
+    def candidates() -> list[int]:
+        s = next((i for i in range(n) if revealed[i] and canvas[i] in stops), None)
+        return [i for i in range(budget if s is None else min(budget, s)) if not revealed[i]]
+
+    def denoise(logits: torch.Tensor, passes: int) -> None:
+        cand = candidates()
+        proposals = {i: pick(logits[i], mask_id, None, confidence) for i in cand}
+        for i in choose_reveals(cand, {i: p[1] for i, p in proposals.items()}, policy, threshold,
+                                refine_steps - passes + 1, trace):
+            trace.note(proposals[i][2])
+            canvas[i], revealed[i] = proposals[i][0], True
+
+    passes, next_guess = 0, None
+    if guess is not None:  # the commit pass with the guessed canvas
+        logits = block_logits(model, seq, [guess] + [mask_id] * (n - 1) + extra)
+        next_guess = pick(logits[n], mask_id, trace)[0] if extra else None
+        if guess == canvas[0] and candidates():
+            passes += 1
+            denoise(logits, passes)
+    while candidates():
+        passes += 1
+        logits = block_logits(model, seq, canvas + extra)
+        if extra:
+            next_guess = pick(logits[n], mask_id, trace)[0]
+        denoise(logits, passes)
+    return passes, next_guess
 
 
 def self_spec_greedy(

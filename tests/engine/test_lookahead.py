@@ -63,10 +63,12 @@ def embedded() -> tuple[LLMEngine, list[list[int]]]:
     return eng, heldout_plain_prompts(eng, 6, 9)
 
 
-def _diffusion(eng: LLMEngine, prompts: list[list[int]], lookahead: bool, **sampling: object) -> list[dict]:
+def _diffusion(eng: LLMEngine, prompts: list[list[int]], lookahead: bool, guess_seed: bool = False,
+               **sampling: object) -> list[dict]:
     sampling = {"temperature": 0.0, **sampling}
     params = RequestParams(SamplingParams(max_tokens=32, ignore_eos=True, **sampling),  # type: ignore[arg-type]
-                           DecodeParams(mode="diffusion", block_length=4, refine_steps=4, threshold=0.7, lookahead=lookahead))
+                           DecodeParams(mode="diffusion", block_length=4, refine_steps=4, threshold=0.7, lookahead=lookahead,
+                                        guess_seed=guess_seed))
     return eng.generate(prompts, params)
 
 
@@ -87,6 +89,41 @@ def test_embedded_model_lookahead_equals_reference_and_saves_passes(embedded) ->
     passes = sum(s.total_forward_passes for s in stats)
     assert passes < sum(o["stats"].total_forward_passes for o in without)
     eng.check_integrity()
+
+
+def test_embedded_model_guess_seed_equals_reference_and_saves_passes(embedded) -> None:  # type: ignore[no-untyped-def]
+    """guess_seed: the engine emits the dense reference's tokens, blocks and pass counts; on the
+    embedded model many guesses are right, each saving the block's first denoise pass, so it
+    takes fewer passes than decoding without lookahead."""
+    eng, prompts = embedded
+    guessed, without = _diffusion(eng, prompts, True, guess_seed=True), _diffusion(eng, prompts, False)
+    dense = load_model(str(DEFAULT_MODEL_DIR), dtype=torch.float32)
+    mask = eng.model_config.mask_token_id
+    fused = right = compared = 0
+    for prompt, got in zip(prompts, guessed):
+        ref = diffusion_greedy(dense, prompt, block_length=4, refine_steps=4, policy="threshold", threshold=0.7,
+                               lookahead=True, guess_seed=True, max_tokens=32, max_model_len=512, mask_id=mask)
+        fused, right = fused + ref.fused_passes, right + ref.right_guesses
+        if ref.min_margin > NEAR_TIE:
+            compared += 1
+            fp = got["stats"].forward_passes
+            assert got["token_ids"] == ref.tokens
+            assert got["stats"].denoise_steps_per_block == ref.denoise_steps_per_block
+            assert fp["commit_lookahead"] == ref.fused_passes and fp["prefill_lookahead"] == 0
+            assert fp["denoise"] == sum(ref.denoise_steps_per_block) - ref.right_guesses
+    assert compared >= len(prompts) // 2
+    assert 0 < right < fused
+    passes = sum(o["stats"].total_forward_passes for o in guessed)
+    assert passes < sum(o["stats"].total_forward_passes for o in without)
+    eng.check_integrity()
+
+
+def test_guess_seed_sampling_is_reproducible(embedded) -> None:  # type: ignore[no-untyped-def]
+    eng, prompts = embedded
+    first = _diffusion(eng, prompts[:2], True, guess_seed=True, temperature=0.8, seed=5)
+    again = _diffusion(eng, prompts[:2], True, guess_seed=True, temperature=0.8, seed=5)
+    assert [o["token_ids"] for o in first] == [o["token_ids"] for o in again]
+    assert all(len(o["token_ids"]) == 32 for o in first)
 
 
 def test_lookahead_falls_back_to_plain_commits_under_logit_controls(embedded) -> None:  # type: ignore[no-untyped-def]
@@ -128,3 +165,12 @@ def test_lookahead_knob_is_validated() -> None:
     with pytest.raises(ParamError) as err:  # a diffusion knob
         eng.resolve_params(RequestParams(SamplingParams(max_tokens=4), DecodeParams(mode="ar", lookahead=True)))
     assert err.value.param == "lookahead"
+    with pytest.raises(ParamError) as err:
+        DecodeParams(mode="diffusion", guess_seed=1)  # type: ignore[arg-type]
+    assert err.value.param == "guess_seed"
+    # the guess row makes a lookahead pass one token longer: 8 + 8 fits a budget of 16, 8 + 8 + 1 does not
+    eng = make_engine(model_for(0), max_num_batched_tokens=16)
+    eng.resolve_params(to_params(dict(mode="diffusion", block_length=8, lookahead=True, max_tokens=4)))
+    with pytest.raises(ParamError) as err:
+        eng.resolve_params(to_params(dict(mode="diffusion", block_length=8, lookahead=True, guess_seed=True, max_tokens=4)))
+    assert err.value.param == "block_length" and "17 tokens" in str(err.value)

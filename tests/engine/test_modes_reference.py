@@ -61,6 +61,12 @@ def specs_for(seed: int) -> list[dict]:
                     seed_first_position=seeded, lookahead=True, threshold=rng.choice([0.15, 0.2, 0.25]),
                     max_tokens=rng.choice([5, 13, 27, 40, 60]),
                 ))
+    # guess_seed: the commit pass's canvas starts with the previous pass's guess of the seed
+    for block, policy in ((4, "threshold"), (8, "low_confidence"), (4, "leftmost")):
+        specs.append(dict(
+            mode="diffusion", block_length=block, refine_steps=rng.choice([2, block]), policy=policy, lookahead=True,
+            guess_seed=True, threshold=rng.choice([0.15, 0.2, 0.25]), max_tokens=rng.choice([13, 27, 40, 60]),
+        ))
     # margin confidence (top-1 minus top-2 probability: a few hundredths on these models),
     # with and without lookahead, ranked by both policies that read it
     for block, lookahead, policy in ((4, True, "threshold"), (8, False, "threshold"), (8, True, "low_confidence")):
@@ -147,6 +153,11 @@ def check_against_reference(reqs, refs, done) -> None:
         if got.token_ids == ref.tokens and got.finish_reason == ref.finish_reason:
             if spec["mode"] == "diffusion":
                 assert got.stats.denoise_steps_per_block == ref.denoise_steps_per_block, (rid, spec)
+            if spec.get("guess_seed") and ref.min_margin > NEAR_TIE:
+                # a right guess's commit pass stood for the block's first denoise pass
+                fp = got.stats.forward_passes
+                assert fp["commit_lookahead"] == ref.fused_passes and fp["prefill_lookahead"] == 0, (rid, spec)
+                assert fp["denoise"] == sum(ref.denoise_steps_per_block) - ref.right_guesses, (rid, spec)
             if spec["mode"] == "self_spec" and ref.draft_margin > NEAR_TIE:
                 assert got.stats.acceptance_lengths == ref.acceptance_lengths, (rid, spec)
             continue
@@ -176,11 +187,13 @@ def test_engine_matches_reference(seed: int, prefix_caching: bool, budget: int) 
         )
     if budget < 64:
         assert any(s.forward_passes["prefill"] > 1 for s in stats.values()), "no prefill was chunked"
-    ahead = [stats[rid] for rid, _, spec, _ in reqs if spec.get("lookahead")]
+    ahead = [stats[rid] for rid, _, spec, _ in reqs if spec.get("lookahead") and not spec.get("guess_seed")]
     assert all(s.forward_passes["prefill_lookahead"] == 1 for s in ahead)
     assert all(s.forward_passes["commit"] == 0 for s in ahead)
     # some block was wholly revealed by the pass that committed the one before it
     assert any(0 in s.denoise_steps_per_block[1:] for s in ahead)
+    guessed = [refs[rid] for rid, _, spec, _ in reqs if spec.get("guess_seed")]
+    assert sum(r.right_guesses for r in guessed) > 0 and sum(r.fused_passes - r.right_guesses for r in guessed) > 0
 
 
 def test_scenarios_exercise_the_edge_cases() -> None:

@@ -5,6 +5,7 @@ steps, export) with its loss falling, the export serving every mode, and an exac
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from server.model.tiny import tiny_nld_config
 from tests.fixtures.tiny_models import write_random_checkpoint
 from training.data import TokenData
 from training.distill import (KIND_CHAT, KIND_SAMPLED, distill, distill_noise, generate_trajectories, make_prompts,
-                              parse_args, teacher_engine)
+                              masked_token_loss, parse_args, teacher_engine)
 from training.objective import causal_mask
 from training.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
 
@@ -97,6 +98,42 @@ def test_distill_noise_lookahead_masks_whole_blocks_of_greedy_tokens() -> None:
     assert torch.equal(ahead.noisy, torch.where(ahead.masked, torch.full_like(x0, MASK), x0))
 
 
+def test_certainty_term_sharpens_only_the_proposals_already_right() -> None:
+    """masked_token_loss = CE + w x (entropy of the rows whose argmax is the target) / rows,
+    checked against a direct computation; a wrong row's gradient is the cross-entropy's alone,
+    and a step along the gradient lowers a right row's entropy more than CE alone does."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(12, 40, generator=gen)
+    target = logits.argmax(-1)
+    target[6:] = (target[6:] + 1) % 40  # rows 0-5 right, the rest wrong
+    right = logits.argmax(-1) == target
+    assert right[:6].all() and not right[6:].any()
+    probs = logits.softmax(-1)
+    entropy = -(probs * probs.log()).sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    for w in (0.0, 0.7):
+        loss, stats = masked_token_loss(logits, target, w)
+        assert loss.item() == pytest.approx(ce.item() + w * entropy[:6].sum().item() / 12, rel=1e-5)
+        assert stats["distill_acc"] == 0.5
+        assert stats["certainty"] == pytest.approx(entropy[:6].sum().item() / 12, rel=1e-5)
+
+    def grad(w: float) -> torch.Tensor:
+        x = logits.clone().requires_grad_(True)
+        masked_token_loss(x, target, w)[0].backward()
+        assert x.grad is not None
+        return x.grad
+
+    plain, forced = grad(0.0), grad(0.7)
+    assert torch.equal(plain[6:], forced[6:])
+    assert not torch.allclose(plain[:6], forced[:6])
+
+    def entropy_after(g: torch.Tensor) -> torch.Tensor:
+        p = (logits - 0.5 * g).softmax(-1)
+        return -(p * p.log()).sum(-1)
+
+    assert (entropy_after(forced)[:6] < entropy_after(plain)[:6]).all()
+
+
 def test_trajectories_are_the_teachers_greedy_continuations(tiny_run: tuple[Path, Path]) -> None:
     model_dir, data_path = tiny_run
     data = TokenData.load(data_path)
@@ -154,18 +191,23 @@ def test_distillation_end_to_end_on_a_tiny_slice(tiny_run: tuple[Path, Path], tm
 
 
 def test_distillation_resumes_where_it_stopped(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
-    """Stopping at a checkpoint and running again reproduces the uninterrupted run."""
+    """Stopping at a checkpoint and running again reproduces the uninterrupted run (with the
+    certainty term on, which is logged)."""
     model_dir, data = tiny_run
-    straight = distill(_args(model_dir, data, tmp_path / "a", "--max-steps", "12"))
-    stopped = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12", "--stop-at-step", "6"))
+    straight = distill(_args(model_dir, data, tmp_path / "a", "--max-steps", "12", "--certainty-weight", "0.5"))
+    stopped = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12", "--stop-at-step", "6",
+                            "--certainty-weight", "0.5"))
     assert stopped["stopped"] and not (tmp_path / "b" / "final").exists()
     assert torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=False)["step"] == 6
     with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed after logging past the checkpoint
         f.write(json.dumps({"kind": "train", "step": 8}) + "\n")
-    resumed = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12"))
+    resumed = distill(_args(model_dir, data, tmp_path / "b", "--max-steps", "12", "--certainty-weight", "0.5"))
     assert resumed["steps"] == 12
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["kind"] == "train"] == [5, 10, 12]
+    # the log carries the certainty term and the diffusion text's perplexity against AR's
+    assert all("certainty" in r for r in logged if r["kind"] == "train")
+    assert all(math.isfinite(r["diffusion_ppl_ratio"]) for r in logged if r["kind"] == "eval")
     for key in ("ar_ce", "draft_ce"):
         assert resumed["final_eval"][key] == pytest.approx(straight["final_eval"][key], rel=1e-5)
 

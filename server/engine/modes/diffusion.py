@@ -25,6 +25,15 @@ a prompt chunked under the step budget leaves its last token to it), so ``larges
 doubles. Requests with a grammar or logit controls (their rows need the committed text
 before every position), and image prompts' prefill, commit plainly.
 
+``guess_seed`` (with ``lookahead`` and a seeded canvas): every pass over an open block carries
+one more masked row after it (when another block follows), whose proposal guesses the next
+block's seed; the commit pass's canvas is then ``[guess, MASK x (B-1)]`` (plus that row), and
+the prompt's last pass carries no canvas (there is no guess yet). If the guess is the seed the
+commit pass computes, its canvas is the next block's first denoise pass (same tokens, same
+rows), applied as one (it counts in ``refine_steps``; any policy); if not, its proposals are
+dropped and the block is denoised as usual. So the text is lookahead-off decoding's (with the
+extra row) whatever the guesses, and a right guess saves a pass.
+
 ``confidence``: what ``threshold`` (and the low_confidence ranking) compares: a proposal's
 probability (``"probability"``, the softmax over all ids, mask included, as HF does), or its
 margin over the runner-up (``"margin"``: that probability minus the next most likely non-mask
@@ -56,6 +65,7 @@ LOOKAHEAD_KINDS = (PREFILL_LOOKAHEAD, COMMIT_LOOKAHEAD)
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "threshold": 0.9, "policy": "threshold", "seed_first_position": True, "lookahead": False, "confidence": "probability",
+    "guess_seed": False,
 }
 
 
@@ -69,6 +79,7 @@ class DiffusionParams(ModeParams):
     seed_first_position: bool
     lookahead: bool
     confidence: str  # "probability" (HF) or "margin": what threshold and the policies rank by
+    guess_seed: bool  # with lookahead: the commit pass's canvas starts with the previous pass's guess
 
 
 GRAMMAR_OPEN = 2**31
@@ -82,6 +93,8 @@ class DiffusionState(ModeState):
     steps: int = 0  # denoise passes spent on the current block
     has_blocks: bool = False  # a block was emitted since the last (re)prefill
     grammar_end: int = GRAMMAR_OPEN  # constrained: the canvas length after which the grammar is complete
+    guess: int | None = None  # guess_seed: the latest proposal for the position after the open block
+    canvas_guess: int | None = None  # guess_seed: the guess a pending lookahead pass's canvas starts with
 
 
 def select_reveals(
@@ -151,7 +164,8 @@ class BlockDiffusionMode(DecodeMode):
     open block has at least one position left to reveal; denoise passes write no K/V."""
 
     name = "diffusion"
-    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position", "lookahead", "confidence")
+    knobs = ("block_length", "refine_steps", "threshold", "policy", "seed_first_position", "lookahead", "confidence",
+             "guess_seed")
     needs_mask_token = True
     work_kinds = (PREFILL, DENOISE, COMMIT) + LOOKAHEAD_KINDS
     metric_histograms = ("diffusion_denoising_steps_per_block",)
@@ -168,8 +182,9 @@ class BlockDiffusionMode(DecodeMode):
 
     def largest_pass(self, params: ModeParams) -> tuple[int, str | None]:
         dp = _params(params)
-        # with lookahead a commit (at most a block) carries the next block's canvas
-        return dp.block_length * (2 if dp.lookahead else 1), "block_length"
+        # with lookahead a commit (at most a block) carries the next block's canvas, and with
+        # guess_seed a pass carries the guess row after its canvas
+        return dp.block_length * (2 if dp.lookahead else 1) + int(_guessing(dp)), "block_length"
 
     @staticmethod
     def _state(req: Request) -> DiffusionState:
@@ -246,19 +261,29 @@ class BlockDiffusionMode(DecodeMode):
             if req.is_finished or st.canvas is None:
                 return None if req.is_finished else self.next_work(req, budget)
         assert st.canvas is not None
-        if len(st.canvas) > budget:
+        guess_row = self._guess_row(req, req.num_computed, len(st.canvas))
+        if len(st.canvas) + guess_row > budget:
             return None
-        rows = [i for i in range(len(st.canvas)) if not st.revealed[i]]
-        return Work(kind=DENOISE, token_ids=list(st.canvas), logit_rows=rows)
+        rows = [i for i in range(len(st.canvas)) if not st.revealed[i]] + [len(st.canvas)] * guess_row
+        return Work(kind=DENOISE, token_ids=list(st.canvas) + [_params(req.params.decode).mask_token_id] * guess_row,
+                    logit_rows=rows)
+
+    def _guess_row(self, req: Request, start: int, length: int) -> int:
+        """1 if a pass over the block of ``length`` at ``start`` carries the guess row (guess_seed,
+        lookahead applies, and another block follows it), else 0."""
+        dp = _params(req.params.decode)
+        follows = length < req.remaining_tokens and start + length < req.max_model_len
+        return int(_guessing(dp) and not _controlled(req) and follows)
 
     def _lookahead_length(self, req: Request, st: DiffusionState) -> int:
         """The canvas length of the next block if the pending commit (or the prompt's last
         prefill pass) proposes it, else 0: ``lookahead`` off, a grammar, logit controls, an
         image prompt, or nothing more to emit (see the module docstring)."""
         dp = _params(req.params.decode)
-        controlled = req.grammar is not None or req.params.sampling.controls.active
-        if not dp.lookahead or controlled or req.remaining_tokens <= 0 or (req.images and not st.has_blocks):
+        if not dp.lookahead or _controlled(req) or req.remaining_tokens <= 0 or (req.images and not st.has_blocks):
             return 0
+        if _guessing(dp) and st.guess is None:
+            return 0  # nothing to start the canvas with (the prompt's end)
         return self._block_length(req, len(req.token_ids))
 
     def _lookahead_work(self, req: Request, st: DiffusionState, length: int) -> Work:
@@ -270,8 +295,15 @@ class BlockDiffusionMode(DecodeMode):
         first = 1 if dp.seed_first_position else 0
         rows = [len(committed) - 1] if dp.seed_first_position else []
         rows += [len(committed) + i for i in range(first, min(length, req.remaining_tokens))]
+        canvas = [dp.mask_token_id] * length
+        if _guessing(dp):
+            assert st.guess is not None
+            canvas[0], st.canvas_guess, st.guess = st.guess, st.guess, None
+            guess_row = self._guess_row(req, len(req.token_ids), length)
+            canvas += [dp.mask_token_id] * guess_row
+            rows += [len(committed) + length] * guess_row
         return Work(kind=COMMIT_LOOKAHEAD if st.has_blocks else PREFILL_LOOKAHEAD,
-                    token_ids=committed + [dp.mask_token_id] * length, logit_rows=rows,
+                    token_ids=committed + canvas, logit_rows=rows,
                     kv_rows=list(range(len(committed))), block_start=len(committed))
 
     def _apply_lookahead(self, req: Request, st: DiffusionState, work: Work, results: list[RowResult]) -> None:
@@ -281,10 +313,20 @@ class BlockDiffusionMode(DecodeMode):
         if seeded:
             st.seed = results[0].token
         proposals = {row - work.block_start: r for row, r in zip(work.logit_rows[seeded:], results[seeded:])}
+        dp = _params(req.params.decode)
+        if _guessing(dp):
+            length = self._block_length(req, req.num_computed)
+            guess = proposals.pop(length, None)
+            st.guess = guess.token if guess is not None else None
+            right = st.canvas_guess == st.seed
+            st.canvas_guess = None
+            self._start_block(req, st)
+            if right and st.canvas is not None:  # the canvas was this block's first denoise pass
+                self._denoised(req, st, proposals)
+            return
         self._start_block(req, st)
         if st.canvas is None:  # the seed alone finished the block
             return
-        dp = _params(req.params.decode)
         for i in self._candidates(req, st):  # every candidate was proposed (same block, same budget)
             if confidence(proposals[i], dp) >= dp.threshold:
                 st.canvas[i], st.revealed[i] = proposals[i].token, True
@@ -296,7 +338,9 @@ class BlockDiffusionMode(DecodeMode):
             base = req.num_computed
             seed = [sample_spec(req, base + work.block_start)] if self._seeding(req) else []
             canvas_rows = work.logit_rows[len(seed) :]
-            return seed + [sample_spec(req, base + r, SALT_LOOKAHEAD, margin) for r in canvas_rows]
+            # a guessed canvas may stand for the block's first denoise pass: sample it as one
+            salt = SALT_DENOISE if _guessing(_params(req.params.decode)) else SALT_LOOKAHEAD
+            return seed + [sample_spec(req, base + r, salt, margin) for r in canvas_rows]
         if work.kind is not DENOISE:
             return [sample_spec(req, req.num_computed + len(work))] if work.logit_rows else []
         st = self._state(req)
@@ -314,8 +358,15 @@ class BlockDiffusionMode(DecodeMode):
                 st.seed = results[0].token
             return
         assert st.canvas is not None
-        st.steps += 1
         proposals = {row: r for row, r in zip(work.logit_rows, results)}
+        if len(st.canvas) in proposals:
+            st.guess = proposals.pop(len(st.canvas)).token
+        self._denoised(req, st, proposals)
+
+    def _denoised(self, req: Request, st: DiffusionState, proposals: dict[int, RowResult]) -> None:
+        """Apply one denoise pass's proposals (canvas position -> result) to the open block."""
+        assert st.canvas is not None
+        st.steps += 1
         candidates = self._candidates(req, st)
         dp = _params(req.params.decode)
         steps_left = dp.refine_steps - st.steps + 1
@@ -337,6 +388,16 @@ def confidence(result: RowResult, dp: DiffusionParams) -> float:
         assert result.margin is not None, "margin rows ask the sampler for it"
         return result.margin
     return result.confidence
+
+
+def _guessing(dp: DiffusionParams) -> bool:
+    """guess_seed applies: it needs lookahead and a seeded canvas."""
+    return dp.guess_seed and dp.lookahead and dp.seed_first_position
+
+
+def _controlled(req: Request) -> bool:
+    """A grammar or logit controls: rows need the committed text before every position."""
+    return req.grammar is not None or req.params.sampling.controls.active
 
 
 def _params(params: ModeParams) -> DiffusionParams:
