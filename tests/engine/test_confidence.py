@@ -33,7 +33,7 @@ def _decode(eng: LLMEngine, prompts: list[list[int]], confidence: str, lookahead
     sampling = {"temperature": 0.0, **sampling}
     params = RequestParams(SamplingParams(max_tokens=32, ignore_eos=True, **sampling),  # type: ignore[arg-type]
                            DecodeParams(mode="diffusion", block_length=4, threshold=threshold, lookahead=lookahead,
-                                        confidence=confidence))
+                                        confidence=confidence, guess_seed=False))
     return eng.generate(prompts, params)
 
 

@@ -94,7 +94,6 @@ class DiffusionState(ModeState):
     has_blocks: bool = False  # a block was emitted since the last (re)prefill
     grammar_end: int = GRAMMAR_OPEN  # constrained: the canvas length after which the grammar is complete
     guess: int | None = None  # guess_seed: the latest proposal for the position after the open block
-    canvas_guess: int | None = None  # guess_seed: the guess a pending lookahead pass's canvas starts with
 
 
 def select_reveals(
@@ -298,7 +297,7 @@ class BlockDiffusionMode(DecodeMode):
         canvas = [dp.mask_token_id] * length
         if _guessing(dp):
             assert st.guess is not None
-            canvas[0], st.canvas_guess, st.guess = st.guess, st.guess, None
+            canvas[0] = st.guess
             guess_row = self._guess_row(req, len(req.token_ids), length)
             canvas += [dp.mask_token_id] * guess_row
             rows += [len(committed) + length] * guess_row
@@ -318,8 +317,7 @@ class BlockDiffusionMode(DecodeMode):
             length = self._block_length(req, req.num_computed)
             guess = proposals.pop(length, None)
             st.guess = guess.token if guess is not None else None
-            right = st.canvas_guess == st.seed
-            st.canvas_guess = None
+            right = work.token_ids[work.block_start] == st.seed  # the canvas started with the guess
             self._start_block(req, st)
             if right and st.canvas is not None:  # the canvas was this block's first denoise pass
                 self._denoised(req, st, proposals)
