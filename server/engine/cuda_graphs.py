@@ -2,7 +2,8 @@
 
 A graph is captured per (batch-size bucket, query length, quadratic mask or not): query
 length 1 for AR decode, the block length for denoise, draft, verify and commit passes,
-B * (B + 1) for a quadratic self-speculation cycle of block B. A batch whose works all have
+B + 1 for a diffusion denoise pass with its guess row (``guess_seed``), B * (B + 1) for a
+quadratic self-speculation cycle of block B. A batch whose works all have
 the same query length ``q`` and whose size fits a bucket is padded to the bucket with dummy
 sequences (slot -1, so they write nothing; empty prefix; causal) and replayed. Mixed or
 prefill batches run eagerly.

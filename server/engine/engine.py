@@ -119,8 +119,9 @@ class LLMEngine:
             self.device,
             next(model.parameters()).dtype,
             max_pages_per_seq=-(-self.max_model_len // config.page_size),
-            # AR decode; block passes; a quadratic self_spec cycle at the default draft length
-            graph_query_lens=(1, mc.block_size, mc.block_size * (mc.block_size + 1)) if graphs else (),
+            # AR decode; block passes, and a block plus diffusion's guess row (guess_seed); a
+            # quadratic self_spec cycle at the default draft length
+            graph_query_lens=(1, mc.block_size, mc.block_size + 1, mc.block_size * (mc.block_size + 1)) if graphs else (),
             graph_batch_sizes=buckets if graphs else (),
             cpu_compile=compile_cpu,
         )
