@@ -232,6 +232,11 @@ def test_decoding_defaults_selection_rule() -> None:
     margin = dict(row(4, 0.5, 2.7, 0.93, 4.1), lookahead=True, confidence="margin")  # so is the confidence measure
     assert choose(rows + [ahead, margin], spec, ar_ppl=4.0)["diffusion"] == {
         "block_length": 4, "confidence": "margin", "threshold": 0.5, "lookahead": True}
+    # guessed seeds are written only where the chosen setting used them
+    guessed = dict(row(4, 0.6, 2.8, 0.93, 4.1), lookahead=True, guess_seed=True)
+    assert choose(rows + [ahead, guessed], spec, ar_ppl=4.0)["diffusion"] == {
+        "block_length": 4, "threshold": 0.6, "lookahead": True, "guess_seed": True}
+    assert "guess_seed" not in choose(rows + [dict(ahead, guess_seed=False)], spec, ar_ppl=4.0)["diffusion"]
 
 
 def test_sweep_heldout_windows_are_plain_held_out_text(tmp_path: Path) -> None:
